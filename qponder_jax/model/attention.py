@@ -1,0 +1,75 @@
+"""The one attention function: vision window layers, vision full layers and text layers all call it.
+
+Masking is expressed with segment ids and positions only: a query attends to a key when both carry the
+same non-zero segment id and, if causal, the key's position is not after the query's. Padding carries
+segment id 0 and is never attended to; a query row with nothing to attend to returns finite values
+(its output is ignored downstream).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+_MASKED = -1e30  # finite, so a fully masked row gives a uniform (not NaN) softmax
+
+
+def attention_mask(
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    *,
+    causal: bool,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+) -> jax.Array:
+    """Boolean mask [B, Tq, Tk]: True where query i may attend to key j."""
+    mask = (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]) & (kv_segment_ids[:, None, :] != 0)
+    if causal:
+        tq, tk = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+        if q_positions is None:
+            q_positions = jnp.broadcast_to(jnp.arange(tq), q_segment_ids.shape)
+        if kv_positions is None:
+            kv_positions = jnp.broadcast_to(jnp.arange(tk), kv_segment_ids.shape)
+        mask &= kv_positions[:, None, :] <= q_positions[:, :, None]
+    return mask
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    q_segment_ids: jax.Array,
+    kv_segment_ids: jax.Array,
+    causal: bool,
+    q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    impl: str = "xla",
+) -> jax.Array:
+    """Scaled dot-product attention with grouped key/value heads.
+
+    q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H a multiple of Hkv; segment ids [B, Tq] / [B, Tk]
+    int32 (0 = padding); positions (for `causal`) are slot indices, [B, Tq] / [B, Tk], defaulting to
+    arange. Returns [B, Tq, H, Dh] in q's dtype. Softmax runs in float32.
+    """
+    b, tq, h, dh = q.shape
+    hkv = k.shape[2]
+    if h % hkv:
+        raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
+    mask = attention_mask(
+        q_segment_ids, kv_segment_ids, causal=causal, q_positions=q_positions, kv_positions=kv_positions
+    )  # [B, Tq, Tk]
+    if impl == "cudnn":
+        # cuDNN flash attention on NVIDIA GPUs; jax handles GQA (H a multiple of Hkv) itself.
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
+    if impl != "xla":
+        raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
+    groups = h // hkv
+    q = q.reshape(b, tq, hkv, groups, dh)
+    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (dh**-0.5)  # [B, Hkv, G, Tq, Tk]
+    logits = jnp.where(mask[:, None, None], logits, _MASKED)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)  # [B, Tq, Hkv, G, Dh]
+    return out.reshape(b, tq, h, dh)
