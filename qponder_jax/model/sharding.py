@@ -33,6 +33,7 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": ("tensor",),
     "mlp": ("tensor",),
     "heads": ("tensor",),
+    "qkv": None,  # fused [3, heads, head_dim] columns (vision): a contiguous split would not follow heads
     "kv_heads": ("tensor",),
     "head_dim": None,
     "patch_in": None,

@@ -65,7 +65,7 @@ class VisionAttention(nnx.Module):
         self.attn_impl = attn_impl
         # output columns are [3, heads, head_dim]: a contiguous tensor split would not follow heads, so only the
         # input dimension is sharded (fsdp); q, k, v are constrained to heads-over-tensor right after.
-        self.qkv = layers.linear(d, 3 * d, ("embed", None), **kw)
+        self.qkv = layers.linear(d, 3 * d, ("embed", "qkv"), **kw)
         self.proj = layers.linear(d, d, ("heads", "embed"), **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, segment_ids: jax.Array) -> jax.Array:
