@@ -1,0 +1,243 @@
+"""The tfds builder base for the IQA sets, and `build` / `load` helpers. No TensorFlow needed.
+
+Each dataset is a `tfds.core.GeneratorBasedBuilder` that reads the official release from a local
+`manual_dir` and writes array_record files; `tfds.data_source` / `builder.as_data_source(split)` read them
+back with random access (what grain needs). Storage choice: the image is a `tfds.features.Tensor(shape=(),
+dtype=np.object_)` holding encoded bytes, not `tfds.features.Image`. Without TensorFlow, `Image` can only
+store bytes you already encoded (encoding a numpy array goes through a TF graph), and it decodes with
+OpenCV when that happens to be installed (BGR order, 16-bit passthrough) or PIL otherwise. Storing the
+bytes ourselves keeps one explicit path: every image is converted to 8-bit RGB at build time
+(`images.load_image`) and decoded with PIL by `decode_image`, identically for every source.
+
+`strict` is a builder argument rather than a `BuilderConfig` field: a config names the data directory
+(`<name>/<config>/<version>`), and strictness only decides whether a bad image raises or is skipped; it
+never changes what a successful build writes. The build-time resize (`max_short_side`) does change the
+data, so it is a config: `IQAConfig(name="short512", max_short_side=512)`.
+
+Build metadata (`builder.info.metadata`, saved as metadata.json): the raw score min/max used for
+normalization, the score direction, the number of annotated images and the list of skipped images.
+"""
+
+from __future__ import annotations
+
+import abc
+import collections
+import dataclasses
+import inspect
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+
+from qponder_jax.data.datasets.common import (
+    FLOAT_FIELDS,
+    INT_FIELDS,
+    TEXT_FIELDS,
+    FileIndex,
+    SkipLog,
+    normalize_scores,
+)
+from qponder_jax.data.datasets.images import ImageError, load_image
+
+ALL_SPLITS = "all"  # tfds' name for the union of all splits (reserved: no split may be called that)
+SINGLE_SPLIT = "test"  # the one split of a set without an official split (used whole for evaluation)
+
+
+@dataclasses.dataclass(eq=False)
+class IQAConfig(tfds.core.BuilderConfig):
+    """Build options that change the written data."""
+
+    max_short_side: int = 0  # downscale images whose short side is larger than this (0 = keep the size)
+    image_dir: str = ""  # look for images in this folder of manual_dir first ("" = the official layout)
+
+
+@dataclasses.dataclass(frozen=True)
+class Annotation:
+    """One annotated image, as read from the official annotation file."""
+
+    paths: tuple[str, ...]  # candidate image paths relative to manual_dir, the official one first
+    score: float  # raw score as published
+    where: str  # "file:line" of the annotation, for messages
+    distortion_type: str = ""
+    distortion_level: int = -1
+    ref_name: str = ""
+    split: str = SINGLE_SPLIT
+
+
+def record_features() -> tfds.features.FeaturesDict:
+    """The tfds features of an IQA record (see `common` for the meaning of each key)."""
+    features: dict[str, object] = {"image": tfds.features.Tensor(shape=(), dtype=np.object_)}
+    features.update({k: tfds.features.Text() for k in TEXT_FIELDS})
+    features.update({k: tfds.features.Scalar(dtype=np.float32) for k in FLOAT_FIELDS})
+    features.update({k: tfds.features.Scalar(dtype=np.int32) for k in INT_FIELDS})
+    features["resized"] = tfds.features.Scalar(dtype=np.bool_)
+    return tfds.features.FeaturesDict(features)
+
+
+class CodePath:
+    """`code_path` of a builder class: its source file.
+
+    tfds' own lookup goes through `importlib_resources`, a package tfds does not install, and fails for a
+    builder defined inside a package; the file path is what that lookup returns anyway.
+    """
+
+    def __get__(self, instance, owner) -> epath.Path:
+        return epath.Path(inspect.getfile(owner))
+
+
+class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base builder: subclasses read their annotation files; this class validates, normalizes and writes."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    BUILDER_CONFIGS = [IQAConfig(name="default")]
+    SCORE_RANGE: tuple[float, float] = (-np.inf, np.inf)  # documented raw score range; outside it = error
+    LOWER_IS_BETTER = False  # DMOS: flipped before normalization
+    HOMEPAGE = ""
+    DESCRIPTION = ""
+    code_path = CodePath()
+
+    def __init__(self, *, strict: bool = False, **kwargs):
+        self.strict = strict  # raise on a missing/corrupt image instead of skipping it
+        kwargs.setdefault("file_format", "array_record")
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=self.DESCRIPTION,
+            features=record_features(),
+            homepage=self.HOMEPAGE,
+            metadata=tfds.core.MetadataDict(),
+        )
+
+    @abc.abstractmethod
+    def read_annotations(self, root: Path) -> list[Annotation]:
+        """All annotated images of the release under `root`, validated (ValueError naming file:line)."""
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        annotations = self.read_annotations(root)
+        if not annotations:
+            raise ValueError(f"{self.name}: no annotated images found under {root}")
+        first_seen: dict[str, str] = {}
+        for a in annotations:
+            key = a.paths[0].lower()
+            if key in first_seen:
+                raise ValueError(f"{a.where}: duplicate image {a.paths[0]!r} (first at {first_seen[key]})")
+            first_seen[key] = a.where
+        mos, lo, hi = normalize_scores(np.array([a.score for a in annotations]), self.LOWER_IS_BETTER)
+        self.skip_log = SkipLog(self.name, self.strict)
+        self.info.metadata.update(
+            score_min=lo,
+            score_max=hi,
+            lower_is_better=self.LOWER_IS_BETTER,
+            num_annotations=len(annotations),
+            skipped=self.skip_log.skipped,  # filled while generating; saved after
+        )
+        by_split: dict[str, list[tuple[Annotation, float]]] = collections.defaultdict(list)
+        for a, m in zip(annotations, mos):
+            by_split[a.split].append((a, float(m)))
+        index = FileIndex(root)
+        return {split: self._generate_examples(split, items, index) for split, items in by_split.items()}
+
+    def _generate_examples(self, split: str, items: list[tuple[Annotation, float]], index: FileIndex):
+        config: IQAConfig = self.builder_config
+        written = 0
+        for a, mos in items:
+            paths = a.paths
+            if config.image_dir:
+                paths = (f"{config.image_dir}/{Path(a.paths[0]).name}",) + paths
+            path = index.resolve(*paths)
+            if path is None:
+                self.skip_log.skip(index.root / a.paths[0], f"missing image file (annotation {a.where})")
+                continue
+            try:
+                image = load_image(path, config.max_short_side)
+            except ImageError as e:
+                self.skip_log.skip(path, e.reason)
+                continue
+            name = path.relative_to(index.root).as_posix()
+            written += 1
+            yield (
+                name,
+                {
+                    "image": image.data,
+                    "image_name": name,
+                    "mos_raw": a.score,
+                    "mos": mos,
+                    "dataset": self.name,
+                    "distortion_type": a.distortion_type,
+                    "distortion_level": a.distortion_level,
+                    "ref_name": a.ref_name,
+                    "height": image.height,
+                    "width": image.width,
+                    "orig_height": image.orig_height,
+                    "orig_width": image.orig_width,
+                    "resized": image.resized,
+                },
+            )
+        if not written:
+            raise ValueError(f"{self.name}: every one of the {len(items)} images of split {split!r} was skipped")
+
+
+class IQASource:
+    """Random access over a built split: records as plain dicts with `str` text fields."""
+
+    def __init__(self, data_source):
+        self._source = data_source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int) -> dict:
+        return _to_record(self._source[index])
+
+    def __getitems__(self, indices) -> list[dict]:
+        return [_to_record(r) for r in self._source.__getitems__(indices)]
+
+    def __repr__(self) -> str:
+        return f"IQASource({self._source!r})"
+
+
+def _to_record(example: dict) -> dict:
+    record = dict(example)
+    for key in TEXT_FIELDS:
+        value = record.get(key)
+        if isinstance(value, bytes):
+            record[key] = value.decode("utf-8")
+    for key in FLOAT_FIELDS:
+        record[key] = float(record[key])
+    for key in INT_FIELDS:
+        record[key] = int(record[key])
+    record["resized"] = bool(record["resized"])
+    return record
+
+
+def make_builder(
+    cls: type[IQABuilder], data_dir: str | Path, *, strict: bool = False, max_short_side: int | None = None
+) -> IQABuilder:
+    """A builder instance; `max_short_side` other than the default config's selects config `short<N>`."""
+    default: IQAConfig = cls.BUILDER_CONFIGS[0]
+    config: IQAConfig | str = default.name
+    if max_short_side is not None and max_short_side != default.max_short_side:
+        name = f"short{max_short_side}" if max_short_side else "original_size"
+        config = IQAConfig(name=name, max_short_side=max_short_side)
+    return cls(data_dir=str(data_dir), config=config, strict=strict)
+
+
+def prepare(builder: IQABuilder, manual_dir: str | Path) -> IQABuilder:
+    """Builds the array_record files from the release in `manual_dir` (a no-op when already built)."""
+    manual_dir = Path(manual_dir)
+    if not manual_dir.is_dir():
+        raise FileNotFoundError(f"{builder.name}: manual_dir {manual_dir} does not exist")
+    builder.download_and_prepare(
+        file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
+    )
+    return builder
+
+
+def as_source(builder: tfds.core.DatasetBuilder, split: str = ALL_SPLITS) -> IQASource:
+    """Random-access records of `split` ("all" = the union of every split) of a built dataset."""
+    return IQASource(builder.as_data_source(split))
