@@ -62,7 +62,7 @@ class TextConfig:
     hidden_act: str = "silu"
     max_position_embeddings: int = 128000
     bos_token_id: int | None = 151643
-    eos_token_id: int | list[int] | None = 151645
+    eos_token_id: int | tuple[int, ...] | None = 151645  # a tuple when config.json lists several
     pad_token_id: int | None = None
 
     @property
@@ -189,6 +189,8 @@ def _pick(cls, d: dict[str, Any], **overrides):
         kwargs.setdefault("depth", d.get("num_hidden_layers", VisionConfig.depth))
         kwargs.setdefault("num_heads", d.get("num_attention_heads", VisionConfig.num_heads))
     kwargs.update(overrides)
+    # lists would make the config (and so the model's graphdef) unhashable under jit
+    kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
     return cls(**kwargs)
 
 
