@@ -1,0 +1,247 @@
+"""The Qwen2 language model of Qwen2.5-VL: decoder layers with GQA, M-RoPE and a fixed-size KV cache.
+
+Module and attribute names mirror transformers' `Qwen2_5_VLTextModel` (`embed_tokens`, `layers[i].self_attn.q_proj`,
+`mlp.gate_proj`, `input_layernorm`, ..., `norm`) so the name table in `qponder_jax/hf.py` stays readable.
+
+Masking is by segment ids: 1 on real tokens, 0 on padding (from the attention mask). The cache is written at one
+shared slot index for the whole batch, so generation batches are left-padded; positions for M-RoPE are always
+passed in explicitly (`position_ids` [3, B, T]: temporal, height, width), never derived from the cache.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qponder_jax.model import sharding
+from qponder_jax.model.attention import attention
+from qponder_jax.model.config import TextConfig
+from qponder_jax.model.layers import DEFAULT_INIT, GatedMLP, RMSNorm, apply_rotary, linear
+
+_KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer, in fixed-size slots written at a shared index.
+
+    Slot s of row b holds a token when `segment_ids[b, s] != 0`; padding and unwritten slots are 0 and are never
+    attended to. `index` is the next slot to write (the same for all rows). Callers keep `index + T <= S`:
+    `lax.dynamic_update_slice` clamps out-of-range writes instead of failing.
+    """
+
+    k: tuple[jax.Array, ...]  # per layer [B, S, Hkv, Dh]
+    v: tuple[jax.Array, ...]  # per layer [B, S, Hkv, Dh]
+    segment_ids: jax.Array  # [B, S] int32; 1 on written real tokens, 0 elsewhere
+    index: jax.Array  # [] int32
+
+    @property
+    def max_length(self) -> int:
+        return self.segment_ids.shape[1]
+
+    @classmethod
+    def create(cls, config: TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+        """An empty cache of `max_length` slots for `batch_size` rows."""
+        shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
+        zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), _KV_AXES)
+        layers = range(config.num_hidden_layers)
+        return cls(
+            k=tuple(zeros() for _ in layers),
+            v=tuple(zeros() for _ in layers),
+            segment_ids=sharding.constrain(jnp.zeros((batch_size, max_length), jnp.int32), ("batch", "length")),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def repeat(self, n: int) -> KVCache:
+        """Each row repeated `n` times in place (row b -> rows b*n .. b*n+n-1), e.g. for sampling n completions."""
+        rep = lambda x: jnp.repeat(x, n, axis=0)
+        return self.replace(
+            k=tuple(rep(x) for x in self.k), v=tuple(rep(x) for x in self.v), segment_ids=rep(self.segment_ids)
+        )
+
+
+def mrope_cos_sin(position_ids: jax.Array, config: TextConfig) -> tuple[jax.Array, jax.Array]:
+    """Multimodal rotary angles: cos, sin [B, T, Dh] (float32) from position_ids [3, B, T].
+
+    The head_dim/2 frequency pairs are split into `mrope_section` (temporal, height, width) groups; group r takes
+    its angle from row r of `position_ids`. Both rotate-half halves repeat the same layout.
+    """
+    dh = config.head_dim
+    exponents = np.arange(0, dh, 2, dtype=np.float32) / np.float32(dh)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(config.rope_theta), exponents)).astype(np.float32)  # [Dh/2]
+    row_of_pair = np.repeat(np.arange(3), config.mrope_section)  # [Dh/2] in {0, 1, 2}
+    pos = jnp.moveaxis(position_ids[row_of_pair], 0, -1).astype(jnp.float32)  # [B, T, Dh/2]
+    angles = pos * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, Dh]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with q/k/v biases and M-RoPE, optionally reading/writing a KV cache layer."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, attn_impl: str, rngs: nnx.Rngs):
+        d, h, hkv, dh = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        if h * dh != d:
+            raise ValueError(f"hidden_size {d} is not divisible by num_attention_heads {h}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = linear(d, h * dh, ("embed", "heads"), bias=True, **kw)
+        self.k_proj = linear(d, hkv * dh, ("embed", "kv_heads"), bias=True, **kw)
+        self.v_proj = linear(d, hkv * dh, ("embed", "kv_heads"), bias=True, **kw)
+        self.o_proj = linear(h * dh, d, ("heads", "embed"), bias=False, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = h, hkv, dh
+        self.attn_impl = attn_impl
+
+    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, kv_segment_ids=None, index=None):
+        """x [B, T, D] -> ([B, T, D], (k, v) cache layer or None).
+
+        Without a cache, tokens attend causally within the batch. With `cache_kv` = (k, v) [B, S, Hkv, Dh], this
+        step's keys/values are written at slot `index` and the queries attend to every valid slot up to their own;
+        `kv_segment_ids` [B, S] must already include this step's tokens.
+        """
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)  # [B, T, H, Dh]
+        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)  # [B, T, Hkv, Dh]
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = sharding.constrain(apply_rotary(q, cos, sin), ("batch", "length", "act_heads", "head_dim"))
+        k = sharding.constrain(apply_rotary(k, cos, sin), _KV_AXES)
+        v = sharding.constrain(v, _KV_AXES)
+        if cache_kv is None:
+            out = attention(
+                q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True, impl=self.attn_impl
+            )
+            new_cache = None
+        else:
+            cache_k, cache_v = cache_kv
+            start = (0, index, 0, 0)
+            cache_k = _write_slots(cache_k, k, start)
+            cache_v = _write_slots(cache_v, v, start)
+            s = cache_k.shape[1]
+            q_positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
+            kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
+            out = attention(
+                q,
+                cache_k.astype(q.dtype),
+                cache_v.astype(q.dtype),
+                q_segment_ids=segment_ids,
+                kv_segment_ids=kv_segment_ids,
+                causal=True,
+                q_positions=q_positions,
+                kv_positions=kv_positions,
+                impl=self.attn_impl,
+            )
+            new_cache = (cache_k, cache_v)
+        out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H*Dh]
+        return self.o_proj(out), new_cache
+
+
+def _write_slots(buffer: jax.Array, update: jax.Array, start) -> jax.Array:
+    """`buffer` with `update` written at `start` (cast to the buffer's dtype), kept on the KV sharding."""
+    out = jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), start)
+    return sharding.constrain(out, _KV_AXES)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: TextConfig, *, dtype, param_dtype, attn_impl: str, rngs: nnx.Rngs):
+        self.self_attn = Attention(config, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
+        self.mlp = GatedMLP(
+            config.hidden_size,
+            config.intermediate_size,
+            bias=False,
+            act=config.hidden_act,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+        )
+        self.input_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, x, cos, sin, segment_ids, cache_kv=None, kv_segment_ids=None, index=None):
+        attn_out, new_cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, segment_ids, cache_kv, kv_segment_ids, index
+        )
+        x = sharding.constrain(x + attn_out, ("batch", "length", "act_embed"))
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return sharding.constrain(x, ("batch", "length", "act_embed")), new_cache
+
+
+class TextModel(nnx.Module):
+    """Token embedding, `num_hidden_layers` decoder layers and the final norm (no LM head)."""
+
+    def __init__(
+        self,
+        config: TextConfig,
+        *,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        remat: bool = False,
+        attn_impl: str = "xla",
+        rngs: nnx.Rngs,
+    ):
+        self.config = config
+        self.dtype = dtype
+        self.remat = remat
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=dtype,
+            param_dtype=param_dtype,
+            embedding_init=DEFAULT_INIT,
+            embedding_metadata={"axes": ("vocab", "embed")},
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [
+                DecoderLayer(config, dtype=dtype, param_dtype=param_dtype, attn_impl=attn_impl, rngs=rngs)
+                for _ in range(config.num_hidden_layers)
+            ]
+        )
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, param_dtype=param_dtype)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [B, T, D] in the compute dtype for input_ids [B, T]."""
+        # gather the table's embed dimension first: a lookup cannot keep it fsdp-sharded with a batch-sharded output
+        table = sharding.constrain(self.embed_tokens.embedding[...], ("vocab", None))  # [V, D]
+        x = jnp.take(table, input_ids.astype(jnp.int32), axis=0).astype(self.dtype)  # [B, T, D]
+        return sharding.constrain(x, ("batch", "length", "act_embed"))
+
+    def __call__(
+        self,
+        inputs_embeds: jax.Array,
+        position_ids: jax.Array,
+        segment_ids: jax.Array,
+        cache: KVCache | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """Runs the decoder: inputs_embeds [B, T, D], position_ids [3, B, T], segment_ids [B, T] (0 = padding).
+
+        Returns the normed hidden states [B, T, D] and, when `cache` is given, the cache with this step's T tokens
+        written at `cache.index` and the index advanced by T.
+        """
+        t = inputs_embeds.shape[1]
+        if position_ids.shape != (3, *inputs_embeds.shape[:2]):
+            raise ValueError(f"position_ids shape {position_ids.shape} != (3, B, T) = (3, {inputs_embeds.shape[:2]})")
+        if cache is not None and t > cache.max_length:
+            raise ValueError(f"{t} tokens do not fit in a KV cache of {cache.max_length} slots")
+        segment_ids = segment_ids.astype(jnp.int32)
+        cos, sin = mrope_cos_sin(position_ids, self.config)  # [B, T, Dh]
+        kv_segment_ids = index = None
+        if cache is not None:
+            index = cache.index
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
+        run = nnx.remat(lambda layer, *args: layer(*args)) if self.remat else (lambda layer, *args: layer(*args))
+        x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            cache_kv = None if cache is None else (cache.k[i], cache.v[i])
+            x, layer_cache = run(layer, x, cos, sin, segment_ids, cache_kv, kv_segment_ids, index)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+        x = self.norm(x)
+        if cache is None:
+            return x, None
+        return x, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segment_ids, index=index + t)
