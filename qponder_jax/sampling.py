@@ -1,0 +1,317 @@
+"""Jitted sampling: prefill once per prompt, tile the KV cache over samples, decode in one `lax.while_loop`.
+
+    out = generate(model, batch, max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, num_samples=1, rng=None)
+    out.tokens [N, L] int32 · out.logprobs [N, L] float32 · out.lengths [N] int32 · out.mask [N, L] bool
+
+N = B * num_samples; rows b*n .. b*n+n-1 are prompt b's samples. `batch` is encoded with
+`add_generation_prompt=True` and LEFT-padded (the cache write index is shared by all rows).
+
+- Positions: generated token i of prompt b takes M-RoPE position `rope_deltas[b] + n_real[b] + i` on all three rows,
+  i.e. the last prompt position + 1 + i, as transformers' `generate` does.
+- Stop: a row is done after emitting a token of `stop_ids` (default: the config's eos_token_id); it then emits
+  `pad_id` with mask False. `lengths` counts tokens up to and including the stop token. The loop exits early once
+  every row is done.
+- Log-probs: `log_softmax(logits / T)` of the chosen token over the FULL vocabulary (T = 1 when greedy), before
+  top-k / top-p filtering. That is what a teacher-forced forward pass of the same model at temperature T gives, so
+  GRPO's first importance ratio is exactly 1. With top-k / top-p the token was drawn from the renormalized nucleus,
+  whose log-prob is higher by -log(kept mass).
+- Compilation: `_prefill` and `_decode` are module-level jitted functions whose cache is keyed by the model's graphdef,
+  the static `SamplingConfig` and the input shapes/shardings; prompts, weights, keys and stop ids are traced inputs, so
+  repeated calls with the same shapes do not recompile (`TRACES` counts traces). The cache is donated to `_decode`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qponder_jax.data.batch import Batch
+from qponder_jax.model import sharding
+from qponder_jax.model.qwen2_5_vl import Qwen25VL, check_batch
+from qponder_jax.model.text import KVCache
+
+TRACES: collections.Counter = collections.Counter()  # traces (= compilations) of the jitted pieces, for tests
+_KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """The static settings of one `generate` call; a change of any of them compiles a new decode loop."""
+
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    num_samples: int = 1  # completions per prompt
+    pad_id: int = 0  # emitted after a row is done
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@flax.struct.dataclass
+class DecodeState:
+    """The while-loop carry."""
+
+    step: jax.Array  # [] int32; tokens generated so far
+    logits: jax.Array  # [N, V] float32; logits for the token of this step
+    positions: jax.Array  # [N] int32; M-RoPE position of the token of this step (all three rows)
+    cache: KVCache  # N rows, prompt + max_new_tokens slots
+    tokens: jax.Array  # [N, L] int32; pad_id where not generated
+    logprobs: jax.Array  # [N, L] float32; 0 where not generated
+    lengths: jax.Array  # [N] int32; tokens generated up to and including the stop token
+    done: jax.Array  # [N] bool
+    rng: jax.Array  # PRNG key
+
+
+@flax.struct.dataclass
+class SampleOutput:
+    tokens: jax.Array  # [N, L] int32
+    logprobs: jax.Array  # [N, L] float32; see the module docstring
+    lengths: jax.Array  # [N] int32
+    mask: jax.Array  # [N, L] bool; True on generated tokens up to and including the stop token
+    steps: jax.Array  # [] int32; decode iterations run (< L after an early exit)
+
+
+def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+    """logits [..., V] (already temperature-scaled) with -inf outside the top-k, then outside the top-p nucleus
+    (the smallest set of most likely tokens whose mass reaches top_p, renormalized after top-k, as transformers)."""
+    vocab = logits.shape[-1]
+    use_k = 0 < top_k < vocab
+    if not use_k and top_p >= 1.0:
+        return logits
+    desc = jax.lax.top_k(logits, top_k)[0] if use_k else -jnp.sort(-logits, axis=-1)  # [..., K] descending
+    keep = jnp.ones(desc.shape, bool)
+    if top_p < 1.0:
+        probs = jax.nn.softmax(desc, axis=-1)
+        keep = jnp.cumsum(probs, axis=-1) - probs < top_p  # mass of the more likely tokens; the first always kept
+    threshold = jnp.min(jnp.where(keep, desc, jnp.inf), axis=-1, keepdims=True)  # [..., 1]
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def sample_token(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """logits [N, V] -> (token [N] int32, its log-prob [N] under log_softmax(logits / T), T = 1 when greedy)."""
+    if config.greedy:
+        scaled = logits
+        token = jnp.argmax(logits, axis=-1)
+    else:
+        scaled = logits / config.temperature
+        token = jax.random.categorical(rng, filter_logits(scaled, config.top_k, config.top_p), axis=-1)
+    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    return token.astype(jnp.int32), logprob
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig) -> DecodeState:
+    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times."""
+    TRACES["prefill"] += 1
+    model: Qwen25VL = nnx.merge(graphdef, params)
+    b, t = batch.input_ids.shape
+    n, steps = config.num_samples, config.max_new_tokens
+    logits, cache = model.prefill(batch, model.init_cache(b, t + steps), last_only=True)  # [B, 1, V]
+    start = batch.rope_deltas + jnp.sum(batch.attention_mask, axis=-1, dtype=jnp.int32)  # [B] first new position
+    if n > 1:
+        cache = cache.repeat(n)
+        cache = cache.replace(
+            k=tuple(sharding.constrain(x, _KV_AXES) for x in cache.k),
+            v=tuple(sharding.constrain(x, _KV_AXES) for x in cache.v),
+        )
+    tiled = lambda x: jnp.repeat(x, n, axis=0)
+    return DecodeState(
+        step=jnp.zeros((), jnp.int32),
+        logits=sharding.constrain(tiled(logits[:, 0]), ("batch", "act_vocab")),  # [N, V]
+        positions=tiled(start.astype(jnp.int32)),
+        cache=cache,
+        tokens=jnp.full((b * n, steps), config.pad_id, jnp.int32),
+        logprobs=jnp.zeros((b * n, steps), jnp.float32),
+        lengths=jnp.zeros((b * n,), jnp.int32),
+        done=jnp.zeros((b * n,), bool),
+        rng=jax.random.key(0) if rng is None else rng,
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
+def _decode(
+    graphdef, params, state: DecodeState, stop_ids: jax.Array, *, config: SamplingConfig
+) -> tuple[DecodeState, jax.Array]:
+    """The decode loop: sample a token per row, record it, feed it back; until max_new_tokens or all rows done.
+    stop_ids [S] int32 (-1 entries match nothing). Returns the final state (its cache aliases the donated one) and
+    the completion mask [N, L]."""
+    TRACES["decode"] += 1
+    model: Qwen25VL = nnx.merge(graphdef, params)
+
+    def cond(s: DecodeState):
+        return (s.step < config.max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: DecodeState) -> DecodeState:
+        rng, key = jax.random.split(s.rng)
+        token, logprob = sample_token(s.logits, key, config)  # [N], [N]
+        token = jnp.where(s.done, config.pad_id, token)
+        logprob = jnp.where(s.done, 0.0, logprob)
+        done = s.done | jnp.any(token[:, None] == stop_ids[None, :], axis=-1)
+        position_ids = jnp.broadcast_to(s.positions[None, :, None], (3, token.shape[0], 1))  # [3, N, 1]
+        logits, cache = model.decode_step(token[:, None], position_ids, s.cache)  # [N, 1, V]
+        return DecodeState(
+            step=s.step + 1,
+            logits=logits[:, 0],
+            positions=s.positions + 1,
+            cache=cache,
+            tokens=jax.lax.dynamic_update_slice(s.tokens, token[:, None], (0, s.step)),
+            logprobs=jax.lax.dynamic_update_slice(s.logprobs, logprob[:, None], (0, s.step)),
+            lengths=s.lengths + (~s.done).astype(jnp.int32),
+            done=done,
+            rng=rng,
+        )
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state, jnp.arange(config.max_new_tokens)[None, :] < state.lengths[:, None]
+
+
+def generate(
+    model: Qwen25VL,
+    batch: Batch,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_samples: int = 1,
+    rng: jax.Array | int | None = None,
+    *,
+    stop_ids=None,
+    pad_id: int | None = None,
+) -> SampleOutput:
+    """Samples `num_samples` completions of every prompt of a left-padded `batch` (see the module docstring).
+
+    stop_ids: token ids that end a row (default: the model config's eos_token_id; `()` for none). pad_id: the token
+    emitted after a row is done (default: the config's pad_token_id, else 0). rng: a PRNG key or an int seed; needed
+    when temperature > 0. Runs on the mesh of the model's parameters; nothing is copied back to the host.
+    """
+    config = SamplingConfig(
+        max_new_tokens=int(max_new_tokens),
+        temperature=float(temperature),
+        top_k=int(top_k),
+        top_p=float(top_p),
+        num_samples=int(num_samples),
+        pad_id=int(pad_id if pad_id is not None else (model.config.text.pad_token_id or 0)),
+    )
+    _check_settings(config, rng)
+    if isinstance(batch.input_ids, np.ndarray):
+        _check_left_padded(batch)
+        check_batch(batch, model.config)
+    if config.greedy:
+        rng = None  # not used; the state's key is made on device
+    elif isinstance(rng, int):
+        rng = jax.random.key(rng)
+    graphdef, params = nnx.split(model)
+    try:
+        hash(graphdef)  # the jit cache key
+    except TypeError as e:
+        raise TypeError(
+            f"generate: the model's static attributes must be hashable ({e}); e.g. config.text.eos_token_id must be "
+            "an int or a tuple, not a list"
+        ) from e
+    mesh = _mesh_of(params)
+    batch = _place(batch, mesh)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        state = _prefill(graphdef, params, batch, rng, config=config)
+        state, mask = _decode(graphdef, params, state, _stop_ids(model, stop_ids), config=config)
+    return SampleOutput(state.tokens, state.logprobs, state.lengths, mask, state.step)
+
+
+def completion_batch(batch: Batch, out: SampleOutput, num_samples: int = 1) -> Batch:
+    """The prompts (each repeated `num_samples` times) followed by their completions: a [N, T + L] batch for a
+    teacher-forced pass. Completion tokens continue the positions; `loss_mask` marks exactly `out.mask`; logits at
+    column T - 1 + i score completion token i."""
+    n, steps = num_samples, out.tokens.shape[1]
+    rep = lambda x, axis=0: jnp.repeat(jnp.asarray(x), n, axis=axis)
+    prompt_mask = rep(batch.attention_mask)  # [N, T]
+    start = rep(batch.rope_deltas) + jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32)  # [N]
+    new_positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)  # [N, L]
+    cat = lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], axis=-1)
+    return batch.replace(
+        input_ids=cat(rep(batch.input_ids), out.tokens),
+        attention_mask=cat(prompt_mask, out.mask),
+        position_ids=cat(rep(batch.position_ids, 1), jnp.broadcast_to(new_positions, (3, *new_positions.shape))),
+        rope_deltas=rep(batch.rope_deltas),
+        loss_mask=cat(jnp.zeros_like(prompt_mask), out.mask),
+        pixel_values=rep(batch.pixel_values),
+        image_grid_thw=rep(batch.image_grid_thw),
+        vision_pos_ids=rep(batch.vision_pos_ids),
+        window_index=rep(batch.window_index),
+        window_segment_ids=rep(batch.window_segment_ids),
+        full_segment_ids=rep(batch.full_segment_ids),
+        image_feature_index=cat(rep(batch.image_feature_index), jnp.full(out.tokens.shape, -1, jnp.int32)),
+    )
+
+
+# ---- host-side helpers ----
+def _stop_ids(model: Qwen25VL, stop_ids) -> jax.Array:
+    """The stop set as a device array [S], padded with -1 to a multiple of 8, so a new stop set does not recompile."""
+    if stop_ids is None:
+        stop_ids = model.config.text.eos_token_id
+    if stop_ids is None:
+        stop_ids = ()
+    ids = sorted({int(i) for i in ((stop_ids,) if isinstance(stop_ids, int | np.integer) else stop_ids)})
+    padded = np.full(-(-max(len(ids), 1) // 8) * 8, -1, np.int32)
+    padded[: len(ids)] = ids
+    return jax.device_put(padded)
+
+
+def _check_settings(config: SamplingConfig, rng) -> None:
+    problems = []
+    if config.max_new_tokens < 1:
+        problems.append(f"max_new_tokens={config.max_new_tokens} must be >= 1")
+    if config.temperature < 0:
+        problems.append(f"temperature={config.temperature} must be >= 0")
+    if config.top_k < 0:
+        problems.append(f"top_k={config.top_k} must be >= 0 (0 = off)")
+    if not 0.0 < config.top_p <= 1.0:
+        problems.append(f"top_p={config.top_p} must be in (0, 1]")
+    if config.num_samples < 1:
+        problems.append(f"num_samples={config.num_samples} must be >= 1")
+    if not config.greedy and rng is None:
+        problems.append(f"temperature={config.temperature} samples, so it needs rng (a jax.random.key or an int seed)")
+    if problems:
+        raise ValueError("generate: " + "; ".join(problems))
+
+
+def _check_left_padded(batch: Batch) -> None:
+    mask = np.asarray(batch.attention_mask, bool)
+    real = mask.any(axis=1)
+    bad = np.flatnonzero(real & ~mask[:, -1])
+    if bad.size:
+        raise ValueError(
+            f"generate: batch row {int(bad[0])} ends in padding; generation batches must be left-padded "
+            "(collate(..., padding_side='left'))"
+        )
+
+
+def _mesh_of(params: nnx.State):
+    """The mesh of the first parameter placed with a NamedSharding (None for single-device parameters)."""
+    for leaf in jax.tree.leaves(params):
+        spec = getattr(leaf, "sharding", None)
+        if isinstance(spec, jax.sharding.NamedSharding) and spec.mesh.size > 1:
+            return spec.mesh
+    return None
+
+
+def _place(batch: Batch, mesh) -> Batch:
+    """The batch on device, split over ('data', 'fsdp') along its sample axis (axis 1 of position_ids)."""
+
+    def put(name: str, x):
+        if mesh is None:
+            return jax.device_put(x)
+        axes = [None] * np.ndim(x)
+        axes[1 if name == "position_ids" else 0] = "batch"
+        return jax.device_put(x, sharding.logical_sharding(axes, np.shape(x), mesh))
+
+    return batch.replace(**{f.name: put(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)})

@@ -1,0 +1,318 @@
+"""The jitted sampler: greedy parity with transformers' generate, log-probs against a teacher-forced pass, stops and
+early exit, batch independence, seeds and filtering, sharded vs single device, no per-token host work, the bench."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from PIL import Image
+from torch_ref import make_torch_model, our_model_from_torch, torch_rope_index
+
+from qponder_jax import prompts, sampling
+from qponder_jax.data.processing import Buckets, Processor
+from qponder_jax.data.tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer
+from qponder_jax.model.config import tiny_config
+from qponder_jax.model.qwen2_5_vl import Qwen25VL
+from qponder_jax.model.sharding import make_mesh
+
+BUCKETS = Buckets(tokens=(48, 64, 96), patches=(0, 64), images=(0, 1))
+STEPS = 10  # max_new_tokens everywhere: tests then share compiled decode loops
+NEAR_TIE = 1e-3  # top-2 logit margin below which greedy choices may legitimately differ between implementations
+TEXTS = ["Rate this image.", "How sharp is it? Please answer briefly with a score.", prompts.THINK_ANSWER_INSTRUCTION]
+IMAGE_SIZES = [(112, 84), (56, 56), None]  # (width, height); None: a text-only prompt
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(processor, config, torch model, our model) on the demo tokenizer's ids, same random weights."""
+    proc = Processor.from_pretrained(build_demo_tokenizer(tmp_path_factory.mktemp("tok")))
+    config = tiny_config(vocab_size=DEMO_VOCAB_SIZE).replace(
+        image_token_id=proc.image_token_id,
+        video_token_id=proc.video_token_id,
+        vision_start_token_id=proc.vision_start_token_id,
+        vision_end_token_id=proc.vision_end_token_id,
+    )
+    torch_model = make_torch_model(config, seed=3)
+    model, _ = our_model_from_torch(torch_model, tmp_path_factory.mktemp("model"))
+    return proc, config, torch_model, model
+
+
+def _image(size, seed):
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _examples(proc, which):
+    """Encoded prompts (add_generation_prompt=True), one per index into TEXTS / IMAGE_SIZES."""
+    out = []
+    for i in which:
+        if IMAGE_SIZES[i] is None:
+            messages = [{"role": "user", "content": TEXTS[i]}]
+            out.append(proc.encode(messages, [], add_generation_prompt=True))
+        else:
+            messages = prompts.image_messages(TEXTS[i])
+            out.append(proc.encode(messages, [_image(IMAGE_SIZES[i], i)], add_generation_prompt=True))
+    return out
+
+
+def _batch(proc, examples, **kw):
+    return proc.collate(examples, padding_side="left", buckets=BUCKETS, **kw)
+
+
+@torch.no_grad()
+def _hf_generate(torch_model, config, batch, examples, max_new):
+    """transformers' greedy generate on the same left-padded batch: (tokens [B, L], top-2 margins [B, L])."""
+    ids = torch.as_tensor(batch.input_ids, dtype=torch.int64)
+    kwargs = {}
+    with_images = [ex for ex in examples if len(ex.image_grid_thw)]
+    if with_images:
+        kwargs["pixel_values"] = torch.as_tensor(np.concatenate([ex.pixel_values for ex in with_images]))
+        kwargs["image_grid_thw"] = torch.as_tensor(np.concatenate([ex.image_grid_thw for ex in with_images]))
+    torch_model.model.rope_deltas = None
+    out = torch_model.generate(
+        input_ids=ids,
+        attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.int64),
+        mm_token_type_ids=(ids == config.image_token_id).int(),  # M-RoPE for the image tokens (needs image_grid_thw)
+        do_sample=False,
+        max_new_tokens=max_new,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kwargs,
+    )
+    torch_model.model.rope_deltas = None
+    scores = torch.stack(out.scores, 1).numpy()  # [B, L, V]
+    top2 = np.sort(scores, axis=-1)[..., -2:]
+    return out.sequences[:, ids.shape[1] :].numpy(), top2[..., 1] - top2[..., 0]
+
+
+def _compare_until_near_tie(ours, ref, margins):
+    """Asserts equal greedy tokens in every row up to its first near-tie; returns the number of tokens compared."""
+    compared = 0
+    for row in range(ref.shape[0]):
+        ties = np.flatnonzero(margins[row] < NEAR_TIE)
+        n = int(ties[0]) if ties.size else ref.shape[1]
+        np.testing.assert_array_equal(ours[row, :n], ref[row, :n], err_msg=f"row {row}")
+        compared += n
+    return compared
+
+
+@pytest.mark.parametrize("which", [[0], [0, 1, 2]], ids=["image_prompt", "mixed_lengths"])
+def test_greedy_matches_transformers_generate(setup, which):
+    proc, config, torch_model, model = setup
+    examples = _examples(proc, which)
+    batch = _batch(proc, examples)
+    out = sampling.generate(model, batch, max_new_tokens=STEPS)
+    ref, margins = _hf_generate(torch_model, config, batch, examples, STEPS)
+    compared = _compare_until_near_tie(np.asarray(out.tokens), ref, margins)
+    print(f"{which}: prompt lengths {[len(ex) for ex in examples]}, min top-2 margin {margins.min():.3f}")
+    assert compared == ref.size  # these seeds have no near-tie: every token is compared
+    assert np.asarray(out.mask).all() and (np.asarray(out.lengths) == STEPS).all()
+    # generated tokens continue each prompt's M-RoPE positions exactly as transformers' get_rope_index would
+    full = sampling.completion_batch(batch, out)
+    grids = np.concatenate([ex.image_grid_thw for ex in examples])
+    positions, _ = torch_rope_index(torch_model, full.input_ids, full.attention_mask, grids)
+    np.testing.assert_array_equal(np.asarray(full.position_ids), positions)
+
+
+@nnx.jit
+def _forward(model, batch):
+    return model(batch)
+
+
+def _teacher_forced_logprobs(model, batch, out, num_samples, temperature):
+    """log_softmax(logits / T) of each generated token from one forward pass over prompt + completion."""
+    full = sampling.completion_batch(batch, out, num_samples)
+    t, steps = batch.input_ids.shape[1], out.tokens.shape[1]
+    logits = _forward(model, full)[:, t - 1 : t - 1 + steps] / (temperature or 1.0)  # [N, L, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return np.asarray(jnp.take_along_axis(logp, out.tokens[..., None], axis=-1)[..., 0]), logits
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [dict(temperature=0.0), dict(temperature=0.7), dict(temperature=0.7, top_k=20, top_p=0.8)],
+    ids=["greedy", "t0.7", "t0.7_topk20_topp0.8"],
+)
+def test_logprobs_match_teacher_forced_pass(setup, settings):
+    proc, config, _, model = setup
+    batch = _batch(proc, _examples(proc, [0, 1, 2]))
+    n = 1 if settings["temperature"] == 0 else 2
+    kw = dict(max_new_tokens=STEPS, num_samples=n, rng=jax.random.key(7), **settings)
+    stop = int(sampling.generate(model, batch, **kw).tokens[0, 4])  # ends row 0 by step 4: masks get False tails
+    out = sampling.generate(model, batch, stop_ids=[stop], **kw)
+    mask = np.asarray(out.mask)
+    assert not mask.all() and mask[:, 0].all()
+    ref, logits = _teacher_forced_logprobs(model, batch, out, n, settings["temperature"])
+    diff = float(np.abs(ref - np.asarray(out.logprobs))[mask].max())
+    print(f"{settings}: log-prob vs teacher-forced max abs diff {diff:.2e}")
+    assert diff <= 1e-4
+    assert (np.asarray(out.logprobs)[~mask] == 0).all()
+    if "top_k" in settings:  # every sampled token lies in the top-k nucleus of its teacher-forced distribution
+        kept = sampling.filter_logits(logits, settings["top_k"], settings["top_p"])
+        chosen = np.asarray(jnp.take_along_axis(kept, out.tokens[..., None], axis=-1)[..., 0])
+        assert np.isfinite(chosen[mask]).all()
+
+
+def test_stop_tokens_pad_and_early_exit(setup):
+    proc, config, _, model = setup
+    batch = _batch(proc, _examples(proc, [0, 1, 2]))
+    free = np.asarray(sampling.generate(model, batch, max_new_tokens=STEPS, stop_ids=()).tokens)
+    stop = int(free[0, 2])
+    out = sampling.generate(model, batch, max_new_tokens=STEPS, stop_ids=[stop])
+    tokens, lengths, mask = (np.asarray(x) for x in (out.tokens, out.lengths, out.mask))
+    for row in range(3):
+        hits = np.flatnonzero(free[row] == stop)
+        n = int(hits[0]) + 1 if hits.size else STEPS
+        assert lengths[row] == n
+        np.testing.assert_array_equal(tokens[row, :n], free[row, :n])
+        assert (tokens[row, n:] == 0).all() and mask[row].tolist() == [True] * n + [False] * (STEPS - n)
+    # the config's eos_token_id is the default stop set
+    eos_model = nnx.merge(*nnx.split(model))
+    eos_model.config = config.replace(text=dataclasses.replace(config.text, eos_token_id=stop))
+    by_eos = sampling.generate(eos_model, batch, max_new_tokens=STEPS, pad_id=5)
+    np.testing.assert_array_equal(np.asarray(by_eos.tokens), np.where(mask, tokens, 5))
+    # early exit: every row stops on its first token, so the loop runs once
+    out = sampling.generate(model, batch, max_new_tokens=STEPS, stop_ids=free[:, 0].tolist())
+    assert int(out.steps) == 1 and (np.asarray(out.lengths) == 1).all()
+    assert int(sampling.generate(model, batch, max_new_tokens=STEPS, stop_ids=[stop]).steps) == lengths.max()
+
+
+def test_batch_independence_and_sample_grouping(setup):
+    proc, _, _, model = setup
+    examples = _examples(proc, [0, 1, 2])
+    alone = sampling.generate(model, _batch(proc, examples[:1]), max_new_tokens=STEPS)
+    # inside a wider, padded batch (an all-padding row included), with two samples per prompt
+    batch = _batch(proc, examples, batch_size=4)
+    assert (~batch.attention_mask[0]).sum() > (~_batch(proc, examples[:1]).attention_mask[0]).sum()  # more padding
+    together = sampling.generate(model, batch, max_new_tokens=STEPS, num_samples=2)
+    tokens = np.asarray(together.tokens)
+    np.testing.assert_array_equal(tokens[0], np.asarray(alone.tokens)[0])
+    np.testing.assert_array_equal(tokens[1], np.asarray(alone.tokens)[0])
+    np.testing.assert_allclose(np.asarray(together.logprobs)[1], np.asarray(alone.logprobs)[0], atol=1e-5)
+    assert not np.array_equal(tokens[0], tokens[2])
+
+
+def test_seeds_and_top_k_one(setup):
+    proc, _, _, model = setup
+    batch = _batch(proc, _examples(proc, [0, 1, 2]))
+    run = lambda **kw: sampling.generate(model, batch, max_new_tokens=STEPS, **kw)
+    a, b = (run(temperature=1.0, num_samples=3, rng=jax.random.key(1)) for _ in range(2))
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_array_equal(np.asarray(a.logprobs), np.asarray(b.logprobs))
+    c = run(temperature=1.0, num_samples=3, rng=2)
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+    tokens = np.asarray(a.tokens)
+    assert not np.array_equal(tokens[0], tokens[1])  # samples of one prompt differ
+    np.testing.assert_array_equal(np.asarray(run(temperature=1.0, top_k=1, rng=3).tokens), np.asarray(run().tokens))
+
+
+def test_filter_logits_keeps_the_nucleus():
+    probs = np.array([0.15, 0.5, 0.05, 0.2, 0.1], np.float32)  # nucleus order: 1, 3, 0, 4, 2
+    logits = jnp.log(jnp.asarray(probs))[None]
+    kept = lambda **kw: np.flatnonzero(np.isfinite(np.asarray(sampling.filter_logits(logits, **kw))[0])).tolist()
+    assert kept(top_p=0.45) == [1]
+    assert kept(top_p=0.69) == [1, 3]
+    assert kept(top_p=0.8) == [0, 1, 3]
+    assert kept(top_p=1.0) == [0, 1, 2, 3, 4]
+    assert kept(top_k=3) == [0, 1, 3]
+    assert kept(top_k=2, top_p=0.7) == [1]  # top-p renormalizes after top-k: 0.5 / 0.7 > 0.7
+    # drawn tokens come only from the nucleus, in proportion to their renormalized probabilities
+    config = sampling.SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.8)
+    draws, _ = sampling.sample_token(jnp.tile(logits, (20000, 1)), jax.random.key(0), config)
+    freq = np.bincount(np.asarray(draws), minlength=5) / 20000
+    np.testing.assert_allclose(freq, [0.15 / 0.85, 0.5 / 0.85, 0, 0.2 / 0.85, 0], atol=0.015)
+
+
+def test_filter_logits_matches_transformers_warpers():
+    from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+    logits = np.random.default_rng(0).standard_normal((6, 50)).astype(np.float32) * 2
+    for top_k, top_p in [(0, 0.3), (0, 0.9), (10, 1.0), (10, 0.6), (49, 0.95)]:
+        ref = torch.as_tensor(logits)
+        if top_k:
+            ref = TopKLogitsWarper(top_k)(None, ref)
+        if top_p < 1:
+            ref = TopPLogitsWarper(top_p)(None, ref)
+        ours = np.asarray(sampling.filter_logits(jnp.asarray(logits), top_k, top_p))
+        np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref.numpy()), err_msg=f"{top_k}, {top_p}")
+
+
+def test_sharded_equals_single_device(setup, tmp_path):
+    proc, config, torch_model, model = setup
+    mesh = make_mesh((2, 2, 2))
+    sharded, _ = our_model_from_torch(torch_model, tmp_path, mesh=mesh)
+    batch = _batch(proc, _examples(proc, [0, 1, 2]), batch_size=4)
+    for kw in (dict(), dict(temperature=0.8, top_p=0.9, rng=jax.random.key(4))):
+        ours = sampling.generate(sharded, batch, max_new_tokens=STEPS, num_samples=2, **kw)
+        ref = sampling.generate(model, batch, max_new_tokens=STEPS, num_samples=2, **kw)
+        assert ours.tokens.sharding.mesh.shape == mesh.shape  # rows really split over the devices
+        assert len(ours.tokens.sharding.device_set) == 8
+        np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
+        np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+def test_one_executable_no_host_transfers_no_recompiles(setup, monkeypatch):
+    proc, _, _, model = setup
+    batch = _batch(proc, _examples(proc, [0, 1, 2]))
+    calls = []
+    original = Qwen25VL.decode_step
+    monkeypatch.setattr(Qwen25VL, "decode_step", lambda self, *a: calls.append(1) or original(self, *a))
+    key = jax.random.key(0)
+    before = dict(sampling.TRACES)
+    with jax.transfer_guard("disallow"):  # any implicit host<->device copy inside generate would raise
+        out = sampling.generate(model, batch, max_new_tokens=STEPS, temperature=0.9, rng=key)
+    assert calls == [1]  # the decode step is traced once for 10 tokens: it runs inside the loop, not in Python
+    assert sampling.TRACES["decode"] == before.get("decode", 0) + 1
+    # same shapes and settings, new prompts and key: nothing retraces
+    other = _batch(proc, _examples(proc, [2, 0, 1]))
+    assert other.input_ids.shape == batch.input_ids.shape
+    again = sampling.generate(model, other, max_new_tokens=STEPS, temperature=0.9, rng=jax.random.key(1), stop_ids=[3])
+    assert sampling.TRACES["decode"] == before.get("decode", 0) + 1
+    assert sampling.TRACES["prefill"] == before.get("prefill", 0) + 1
+    assert not np.array_equal(np.asarray(out.tokens), np.asarray(again.tokens))
+    # the lowered decode is one module whose body is a while loop; the cache is donated into it
+    config = sampling.SamplingConfig(max_new_tokens=STEPS, temperature=0.9)
+    graphdef, params = nnx.split(model)
+    state = sampling._prefill(graphdef, params, jax.device_put(batch), key, config=config)
+    stop_ids = jnp.full((8,), -1, jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda *args: sampling._decode(graphdef, *args, config=config))(params, state, stop_ids)
+    (decode,) = [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit")]  # one executable
+    top = [e.primitive.name for e in decode.params["jaxpr"].eqns]
+    assert top.count("while") == 1 and "dot_general" not in top  # all model work happens inside the one loop
+    (loop,) = [e for e in decode.params["jaxpr"].eqns if e.primitive.name == "while"]
+    assert "dot_general" in str(loop.params["body_jaxpr"])
+    sampling._decode(graphdef, params, state, stop_ids, config=config)
+    assert state.cache.k[0].is_deleted()
+
+
+def test_bad_inputs_raise(setup):
+    proc, _, _, model = setup
+    batch = proc.collate(_examples(proc, [0, 1]), padding_side="right", buckets=BUCKETS)
+    with pytest.raises(ValueError, match=r"row 0 ends in padding; .* left-padded"):
+        sampling.generate(model, batch, max_new_tokens=4)
+    left = _batch(proc, _examples(proc, [0]))
+    with pytest.raises(ValueError, match=r"needs rng"):
+        sampling.generate(model, left, max_new_tokens=4, temperature=1.0)
+    with pytest.raises(ValueError, match=r"top_p=0.0 must be in \(0, 1\]"):
+        sampling.generate(model, left, max_new_tokens=4, top_p=0.0)
+
+
+def test_bench_decode_smoke(tmp_path, capsys):
+    from qponder_jax import bench
+
+    argv = ["decode", "--size", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path)]
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "decode_tiny.json").read_text())
+    assert result["ours"]["tokens_per_s"] > 0 and result["reference"]["tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"])
+    assert result["workload"]["batch"] == 2 and result["workload"]["new_tokens"] == 4
+    assert result["workload"]["prompt_tokens"] == 64 and result["tokens_equal"] is not None
+    assert "tokens/s" in printed and "ratio" in printed
