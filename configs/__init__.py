@@ -1,0 +1,1 @@
+"""ml-collections config files for `qponder --config=configs/<name>.py[:variant]`."""

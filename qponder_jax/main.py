@@ -1,0 +1,125 @@
+"""The `qponder` entry point (also `python -m qponder_jax.main`).
+
+    qponder --config=configs/<name>.py[:variant] --workdir=DIR [--config.<key>=<value> ...]
+
+The config (an ml-collections `get_config(arg)` file, locked, so a misspelled override is an error) names its job
+in `config.job`; `JOBS` maps job names to `"module:function"` strings, imported only when that job runs. A job is
+`fn(config, workdir)`. Add one with a line in `JOBS` or `register_job(name, fn)`; nothing else changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+JobFn = Callable[[Any, Path], Any]
+
+JOBS: dict[str, str | JobFn] = {
+    "sft": "qponder_jax.train.sft:run",  # cold-start SFT (configs/qponder_ci.py)
+    "grpo": "qponder_jax.train.grpo_job:run",  # GRPO (configs/qponder.py, configs/preresq.py)
+    "eval": "qponder_jax.eval:run",  # IQA evaluation (configs/eval.py)
+    "distill": "qponder_jax.distill:run",  # teacher -> cold-start JSONL (configs/distill.py)
+    "export": "qponder_jax.export:run",  # checkpoint -> HF folder (configs/export.py)
+    "demo": "qponder_jax.demo:run",  # the whole pipeline at toy scale (configs/demo.py)
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "ml-collections config file, optionally with :variant (e.g. configs/qponder_ci.py:tiny)"
+)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run folder: checkpoints, metrics, TensorBoard events, built assets")
+
+
+def register_job(name: str, fn: str | JobFn) -> None:
+    """Adds (or replaces) job `name`: a callable or a "module:function" string."""
+    JOBS[name] = fn
+
+
+def get_job(name: str) -> JobFn:
+    """The job function for `name`; raises with the known names or the import problem."""
+    if name not in JOBS:
+        raise ValueError(f"config field job={name!r}: unknown job; known jobs: {sorted(JOBS)}")
+    target = JOBS[name]
+    if callable(target):
+        return target
+    module_name, _, fn_name = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name and module_name.startswith(e.name):
+            raise ValueError(f"job {name!r} lives in {module_name}, which is not available in this install") from e
+        raise
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        raise ValueError(f"job {name!r}: {module_name} has no function {fn_name!r}")
+    return fn
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config=configs/qponder_ci.py:tiny")
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required")
+    if "job" not in config:
+        raise app.UsageError(f"config {_CONFIG.config_filename} has no `job` field")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; ask with --verbosity=0
+    workdir = Path(_WORKDIR.value)
+    job = get_job(config.job)
+    workdir.mkdir(parents=True, exist_ok=True)
+    _write_config(config, workdir)
+    try:
+        result = job(config, workdir)
+    except _user_errors() as e:  # evaluated only when an exception reaches it
+        raise SystemExit(f"qponder: error: {e}") from e
+    status = getattr(result, "status", None)
+    if status == "preempted":
+        print(f"qponder: preempted; checkpoint saved in {workdir}. Rerun the same command to resume.", flush=True)
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says what to fix (a missing path, a workdir of another model, a diverged run): printed
+    as one line with exit status 1, without a traceback."""
+    from qponder_jax.errors import ConfigError
+    from qponder_jax.train.loop import NonFiniteError
+    from qponder_jax.train.state import CheckpointMismatchError
+
+    return (ConfigError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
+
+
+def _write_config(config, workdir: Path) -> None:
+    """The resolved config as `<workdir>/config.json` (for the record; the run reads its flags, not this file)."""
+    import jax
+
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with a one-line error for a `--config.<key>` override that names no config field."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:  # raised by the locked ConfigDict for an unknown key
+        while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps a KeyError in an AttributeError
+            e = e.args[0]
+        message = " ".join(str(e.args[0] if e.args else e).split())
+        raise SystemExit(f"qponder: error: bad --config override: {message}") from None
+
+
+def run() -> None:
+    """The console script."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,331 @@
+"""Supervised fine-tuning (the cold start, Q-Ponder-CI): masked next-token cross-entropy and the jitted, sharded step.
+
+Alignment: `logits[:, t]` is the model's prediction for token `t + 1`. Token `t + 1` is a target when
+`loss_mask[:, t + 1]` is True (the assistant's tokens), so the loss pairs `logits[:, :-1]` with `input_ids[:, 1:]`
+under `loss_mask[:, 1:]`. The loss is the sum of the target tokens' negative log-likelihoods divided by the number of
+target tokens in the whole global batch (all devices and all accumulation micro-batches together), so a run with
+gradient accumulation A and micro-batch b takes the same step as one batch of A * b.
+
+Gradient accumulation runs inside the one jitted step as a `lax.scan` over micro-batches: global row i belongs to
+micro-batch i % A, so every micro-batch stays evenly sharded over ('data', 'fsdp').
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from qponder_jax.data.batch import Batch
+from qponder_jax.errors import ConfigError
+from qponder_jax.model import sharding
+from qponder_jax.train import loop, optim
+from qponder_jax.train import state as state_lib
+from qponder_jax.train.logging import FlopModel, MetricLogger, peak_flops_per_device
+from qponder_jax.train.state import TrainState
+
+# Batch fields whose batch axis is not the first one.
+_BATCH_AXIS = {"position_ids": 1}
+
+
+def _batch_axes(name: str, ndim: int) -> list[str | None]:
+    """Logical axes of a Batch field: "batch" on its batch axis, nothing elsewhere."""
+    axes: list[str | None] = [None] * ndim
+    axes[_BATCH_AXIS.get(name, 0)] = "batch"
+    return axes
+
+
+def _map_fields(batch: Batch, fn) -> Batch:
+    return batch.replace(**{f.name: fn(f.name, getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+
+
+def batch_shardings(batch: Batch, mesh: Mesh) -> Batch:
+    """NamedSharding per Batch field: the batch axis over ('data', 'fsdp'), everything else replicated (the same
+    shardings `data.pipeline.to_global` gives). Raises if the batch does not divide over those mesh axes."""
+    shards = int(np.prod([mesh.shape.get(a, 1) for a in sharding.LOGICAL_RULES["batch"] or ()]))
+
+    def one(name, x):
+        size = x.shape[_BATCH_AXIS.get(name, 0)]
+        if size % shards:
+            raise ValueError(
+                f"batch field {name}: batch size {size} is not divisible by the {shards} devices of the mesh's "
+                "('data', 'fsdp') axes"
+            )
+        return sharding.logical_sharding(_batch_axes(name, x.ndim), x.shape, mesh)
+
+    return _map_fields(batch, one)
+
+
+def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(sum of target-token NLLs, number of target tokens), both float32 scalars. logits [B, T, V]."""
+    targets = input_ids[:, 1:]  # [B, T-1]
+    mask = loss_mask[:, 1:].astype(jnp.float32)  # [B, T-1]
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1].astype(jnp.float32), targets)  # [B, T-1]
+    return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def target_count(batch: Batch) -> jax.Array:
+    return jnp.sum(batch.loss_mask[:, 1:].astype(jnp.float32))
+
+
+def split_micro_batches(batch: Batch, num: int) -> Batch:
+    """Batch with a leading micro-batch axis: [num, ...]; global row i goes to micro-batch i % num."""
+
+    def one(name, x):
+        axis = _BATCH_AXIS.get(name, 0)
+        if x.shape[axis] % num:
+            raise ValueError(f"batch field {name}: batch size {x.shape[axis]} is not divisible by grad_accum {num}")
+        x = x.reshape(x.shape[:axis] + (x.shape[axis] // num, num) + x.shape[axis + 1 :])
+        return jnp.moveaxis(x, axis + 1, 0)
+
+    return _map_fields(batch, one)
+
+
+def _constrain_batch(batch: Batch) -> Batch:
+    return _map_fields(batch, lambda name, x: sharding.constrain(x, _batch_axes(name, x.ndim)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTStep:
+    """Static pieces of the SFT step: the model's graph, the optimizer and the parameter labels."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State  # non-parameter model state (passed through unchanged)
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    labels: dict  # TRAIN / FROZEN per parameter
+    grad_accum: int = 1
+
+    def loss_and_grads(self, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
+        """(mean loss over the global batch's target tokens, target-token count, gradients).
+
+        Only the trainable parameters are differentiated (and accumulated); frozen ones get zero gradients that the
+        optimizer ignores, so a frozen vision tower costs no backward weight-gradient work or accumulator memory.
+        """
+        total = jnp.maximum(target_count(batch), 1.0)
+        leaves, treedef = jax.tree.flatten(params)
+        trainable = [i for i, label in enumerate(jax.tree.leaves(self.labels)) if label == optim.TRAIN]
+
+        def micro_loss(train_leaves, micro):
+            full = list(leaves)
+            for i, x in zip(trainable, train_leaves, strict=True):
+                full[i] = x
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(treedef, full), self.rest)
+            nll_sum, _ = next_token_loss(model(micro), micro.input_ids, micro.loss_mask)
+            return nll_sum / total
+
+        grad_fn = jax.value_and_grad(micro_loss)
+        train_leaves = [leaves[i] for i in trainable]
+        if self.grad_accum == 1:
+            loss, train_grads = grad_fn(train_leaves, batch)
+        else:
+
+            def body(carry, micro):
+                loss_acc, grads_acc = carry
+                loss, grads = grad_fn(train_leaves, _constrain_batch(micro))
+                return (loss_acc + loss, jax.tree.map(jnp.add, grads_acc, grads)), None
+
+            init = (jnp.zeros((), jnp.float32), [jnp.zeros_like(x) for x in train_leaves])
+            (loss, train_grads), _ = jax.lax.scan(body, init, split_micro_batches(batch, self.grad_accum))
+        grads = [jnp.zeros_like(x) for x in leaves]
+        for i, g in zip(trainable, train_grads, strict=True):
+            grads[i] = g
+        return loss, target_count(batch), jax.tree.unflatten(treedef, grads)
+
+    def __call__(self, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+        """One optimizer update. A non-finite loss or gradient norm leaves the state untouched (metrics say so)."""
+        loss, n_targets, grads = self.loss_and_grads(state.params, batch)
+        grad_norm = optim.trainable_global_norm(grads, self.labels)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "learning_rate": self.schedule(state.step),
+            "target_tokens": n_targets,
+            "tokens": jnp.sum(batch.attention_mask.astype(jnp.float32)),
+            "patches": jnp.sum((batch.window_segment_ids != 0).astype(jnp.float32)),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    def eval_sums(self, params: dict, batch: Batch) -> dict:
+        """Sums for a held-out loss: {'nll_sum', 'target_tokens'} over this batch."""
+        model = nnx.merge(self.graphdef, params, self.rest)
+        nll_sum, n = next_token_loss(model(batch), batch.input_ids, batch.loss_mask)
+        return {"nll_sum": nll_sum, "target_tokens": n}
+
+
+def jit_train_step(step: SFTStep, state_shards: TrainState, mesh: Mesh) -> Callable:
+    """`step` under one jax.jit with explicit in/out shardings over `mesh`; the input state is donated.
+
+    The batch shardings come from the first batch (batch axis over ('data', 'fsdp')); a new bucket shape compiles
+    once more, with the same shardings.
+    """
+    return _LazyJit(step.__call__, mesh, state_shards, donate=True, out=(state_shards, _replicated(mesh)))
+
+
+def jit_eval_step(step: SFTStep, param_shards: dict, mesh: Mesh) -> Callable:
+    """Jitted held-out sums `(params, batch) -> {'nll_sum', 'target_tokens'}`; params are not donated."""
+    return _LazyJit(step.eval_sums, mesh, param_shards, donate=False, out=_replicated(mesh))
+
+
+def _replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+class _LazyJit:
+    """jax.jit(fn, in_shardings=(first_shards, batch shardings), ...) built on the first call."""
+
+    def __init__(self, fn, mesh: Mesh, first_shards, *, donate: bool, out):
+        self.fn, self.mesh, self.first_shards, self.donate, self.out = fn, mesh, first_shards, donate, out
+        self.jitted = None
+
+    def __call__(self, first, batch: Batch):
+        if self.jitted is None:
+            self.jitted = jax.jit(
+                self.fn,
+                in_shardings=(self.first_shards, batch_shardings(batch, self.mesh)),
+                out_shardings=self.out,
+                donate_argnums=(0,) if self.donate else (),
+            )
+        with jax.set_mesh(self.mesh):
+            return self.jitted(first, batch)
+
+
+# ---- the job: `qponder --config=configs/qponder_ci.py[:variant] --workdir=DIR` ----
+
+
+class EncodeColdStart:
+    """Cold-start record (image bytes, prompt, response) -> an encoded `Example` (picklable for grain workers)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, record: dict):
+        from qponder_jax import prompts
+        from qponder_jax.data.datasets.images import decode_image
+
+        messages = prompts.image_messages(record["prompt"], response=record["response"])
+        image = decode_image(record["image"])
+        return self.processor.encode(messages, [image], example_id=record["image_name"])
+
+
+def cold_start_sources(data_cfg, workdir: Path):
+    """(train source, eval source or None) of cold-start records for a config's `data` section."""
+    from qponder_jax.data.datasets.cold_start import ColdStartSource
+    from qponder_jax.data.rule_teacher import write_synthetic_cold_start
+
+    if data_cfg.source == "synthetic":
+        kw = dict(
+            seed=data_cfg.synthetic_seed,
+            prompt_name=data_cfg.prompt,
+            min_side=data_cfg.synthetic_min_side,
+            max_side=data_cfg.synthetic_max_side,
+        )
+        train_path = write_synthetic_cold_start(workdir / "data", "train", data_cfg.synthetic_train_size, **kw)
+        eval_path = write_synthetic_cold_start(workdir / "data", "validation", data_cfg.synthetic_eval_size, **kw)
+    elif data_cfg.source == "jsonl":
+        if not data_cfg.train_jsonl:
+            raise ConfigError("config field data.train_jsonl is empty: data.source='jsonl' needs a cold-start JSONL")
+        train_path, eval_path = Path(data_cfg.train_jsonl), Path(data_cfg.eval_jsonl) if data_cfg.eval_jsonl else None
+    else:
+        raise ConfigError(f"config field data.source={data_cfg.source!r}: choose 'synthetic' or 'jsonl'")
+    strict = bool(data_cfg.strict_images)
+    train = ColdStartSource(train_path, strict=strict)
+    return train, (ColdStartSource(eval_path, strict=strict) if eval_path else None)
+
+
+def run(config, workdir) -> loop.LoopResult:
+    """Cold-start SFT from a `configs/qponder_ci.py` config; resumes from `<workdir>/checkpoints` if present."""
+    import itertools
+
+    from qponder_jax import embedded
+    from qponder_jax.data import pipeline
+    from qponder_jax.data.processing import Buckets, Processor
+    from qponder_jax.hf import load_hf
+
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = sharding.make_mesh(tuple(config.mesh))
+    d, t = config.data, config.train
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if d.batch_size % (t.grad_accum * batch_devices) or d.eval_batch_size % batch_devices:
+        raise ConfigError(
+            f"config: data.batch_size={d.batch_size} must be a multiple of train.grad_accum ({t.grad_accum}) x the "
+            f"{batch_devices} data*fsdp devices, and data.eval_batch_size={d.eval_batch_size} of the devices"
+        )
+    model_dir, tok_dir = embedded.resolve_model_dir(config.model, workdir)
+    train_src, eval_src = cold_start_sources(d, workdir)
+    buckets = Buckets(tokens=tuple(d.token_buckets), patches=tuple(d.patch_buckets), images=tuple(d.image_buckets))
+    proc = Processor.from_pretrained(tok_dir, buckets=buckets, truncation=bool(d.truncation))
+    pixels = {k: int(v) for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v > 0}
+    proc.image_config = dataclasses.replace(proc.image_config, **pixels)
+    loader_kw = dict(transform=EncodeColdStart(proc), collate=proc.collate, worker_count=int(d.worker_count))
+    data = pipeline.make_loader(train_src, batch_size=d.batch_size, seed=d.seed, **loader_kw)
+
+    abstract_model, model_config = embedded.abstract_model(config.model, model_dir)
+    graphdef, abs_params, rest = state_lib.split_model(abstract_model)
+    if jax.tree.leaves(rest):
+        raise NotImplementedError(f"{model_dir}: the model has non-parameter state, which SFT does not carry")
+    tx, schedule, labels = optim.from_config(config.optim, abs_params, total_steps=t.total_steps)
+    abstract = state_lib.abstract_train_state(abs_params, tx, state_lib.param_shardings(abstract_model, mesh), mesh)
+    ckpt = state_lib.Checkpointer(
+        workdir / "checkpoints", max_to_keep=t.keep_checkpoints, async_save=t.async_checkpoints
+    )
+    state = loop.restore_or_keep(ckpt, abstract, data)
+    if state is None:
+        model, _ = load_hf(model_dir, mesh=mesh, **embedded.model_kwargs(config.model))
+        state = state_lib.init_train_state(state_lib.split_model(model)[1], tx, abstract, seed=config.seed)
+        del model
+    step = SFTStep(graphdef, rest, tx, schedule, labels, grad_accum=t.grad_accum)
+    train_step = jit_train_step(step, state_lib.shardings_of(abstract), mesh)
+    place = lambda b: pipeline.to_global(b, mesh)
+
+    eval_fn = None
+    if eval_src is not None:
+        eval_step = jit_eval_step(step, state_lib.shardings_of(abstract).params, mesh)
+
+        def eval_fn(st):
+            batches = pipeline.make_loader(
+                eval_src, batch_size=d.eval_batch_size, shuffle=False, num_epochs=1, **loader_kw
+            )
+            limited = itertools.islice(batches, d.eval_max_batches or None)
+            return loop.mean_eval_loss(jax.device_get([eval_step(st.params, place(b)) for b in limited]))
+
+    flops = FlopModel.from_params(abs_params, labels, merge_unit=model_config.vision.merge_unit)
+    logger = MetricLogger(
+        workdir, total_steps=t.total_steps, initial_step=int(state.step), progress=None if t.progress_bar else False
+    )
+    settings = loop.LoopSettings(
+        total_steps=t.total_steps,
+        log_every=t.log_every,
+        eval_every=t.eval_every,
+        checkpoint_every=t.checkpoint_every,
+        max_consecutive_nonfinite=t.max_consecutive_nonfinite,
+    )
+    logger.text(f"sft: model {model_dir}, mesh {dict(mesh.shape)}, resuming at step {int(state.step)}")
+    try:
+        with state_lib.PreemptionHandler() as preemption:
+            return loop.run_loop(
+                state, train_step, data, settings, checkpointer=ckpt, logger=logger, place=place, eval_fn=eval_fn,
+                flop_model=flops, peak_flops=peak_flops_per_device(t.peak_flops_per_device), preemption=preemption,
+            )  # fmt: skip
+    finally:
+        ckpt.close()
+        logger.close()
+        data.close()
