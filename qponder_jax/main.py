@@ -100,8 +100,17 @@ def _write_config(config, workdir: Path) -> None:
     """The resolved config as `<workdir>/config.json` (for the record; the run reads its flags, not this file)."""
     import jax
 
-    if jax.process_index() == 0:
-        (workdir / "config.json").write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
+    if jax.process_index() != 0:
+        return
+    path = workdir / "config.json"
+    if path.is_file():  # never overwrite the record of another job (e.g. eval run inside a training workdir)
+        try:
+            previous_job = json.loads(path.read_text()).get("job")
+        except (json.JSONDecodeError, AttributeError):
+            previous_job = None
+        if previous_job != config.job:
+            path = workdir / f"config.{config.job}.json"
+    path.write_text(json.dumps(json.loads(config.to_json_best_effort()), indent=2) + "\n")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

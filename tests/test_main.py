@@ -236,3 +236,18 @@ def test_workdir_with_another_model_shape_is_refused(tiny_run, tmp_path):
     assert "parameter 'language_model/layers/0/mlp/down_proj/kernel'" in result.stderr
     assert "(128, 64)" in result.stderr and "(96, 64)" in result.stderr and "Traceback" not in result.stderr
     assert _digest(workdir / "checkpoints") == before
+
+
+def test_config_record_of_another_job_is_not_overwritten(tmp_path):
+    import ml_collections
+
+    def config(job, value):
+        c = ml_collections.ConfigDict({"job": job, "value": value})
+        return c.lock()
+
+    qmain._write_config(config("sft", 1), tmp_path)
+    qmain._write_config(config("eval", 2), tmp_path)  # e.g. an eval run pointed at the training workdir
+    assert json.loads((tmp_path / "config.json").read_text()) == {"job": "sft", "value": 1}
+    assert json.loads((tmp_path / "config.eval.json").read_text()) == {"job": "eval", "value": 2}
+    qmain._write_config(config("sft", 3), tmp_path)  # the same job (a resume) refreshes its own record
+    assert json.loads((tmp_path / "config.json").read_text())["value"] == 3
