@@ -1,0 +1,342 @@
+"""The GRPO step: rollouts -> on-device parse -> rewards [B, G] -> group advantages -> mu clipped updates, one jit.
+
+    step = GRPOStep(graphdef, rest, tx, schedule, labels, settings)
+    state, metrics = step(state, batch, mos, parser, ref_params)      # inside jax.jit (see `jit_grpo_step`)
+
+- Rollouts: the sampler's prefill runs once per prompt and its KV cache is tiled G times; the decode loop samples
+  G completions per prompt (rows b*G .. b*G+G-1 belong to prompt b). The PRNG key is the state's.
+- Scores: `rewards.parse` reads format, answer numbers and the reasoning level from the token ids; the score is the
+  mean of the first `score_numbers` numbers (NaN when none parsed: a parse failure, never a default score).
+- Rewards: each configured `RewardTerm` is looked up by name in `rewards.registry`; their weighted sum is [B, G].
+- Advantages: `rewards.advantages.group_advantages`, (r - mean_g) / (std_g + eps) with std none (Dr. GRPO),
+  population or unbiased; groups whose rewards are all equal get 0 and are counted.
+- Updates: the N = B*G completions, appended to their prompts on device (`sampling.completion_batch`: static shape
+  [N, T + L], positions continue after each prompt, loss only on completion tokens up to the stop token), are cut
+  into `num_minibatches` minibatches (row i -> minibatch i % M, so each stays evenly sharded) and the optimizer
+  steps mu * M times over them in a `lax.scan` (epoch by epoch, minibatches in order). The old log-probs are the
+  sampler's, so the very first update has ratio 1 (`first_ratio_max_dev` measures how close).
+- Reference: with beta > 0 the frozen reference params score every completion once, before the updates; with
+  beta = 0 they are not even passed in.
+- `state.step` counts GRPO steps (one per call); the optimizer's schedule counts inner updates (mu * M per step).
+  A non-finite loss or gradient in any inner update leaves the whole state untouched (`finite` False).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qponder_jax import sampling
+from qponder_jax.data.batch import Batch
+from qponder_jax.model import sharding
+from qponder_jax.rewards import iqa, registry
+from qponder_jax.rewards import parse as parse_lib
+from qponder_jax.rewards.advantages import STD_MODES, group_advantages
+from qponder_jax.train import optim
+from qponder_jax.train.grpo_loss import LossConfig, completion_logits, grpo_loss, token_logprobs
+from qponder_jax.train.sft import batch_shardings, split_micro_batches
+from qponder_jax.train.state import TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardTerm:
+    """One reward of the recipe: a name registered in `rewards.registry`, its weight and its keyword settings."""
+
+    name: str
+    weight: float = 1.0
+    params: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOSettings:
+    """The static settings of the GRPO step (a change compiles a new step)."""
+
+    num_generations: int = 4  # G completions per prompt
+    max_new_tokens: int = 64  # L
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_iterations: int = 1  # mu: passes over the same rollouts
+    num_minibatches: int = 1  # optimizer updates per pass
+    advantage_std: str = "population"  # none (Dr. GRPO) | population | unbiased
+    advantage_eps: float = 1e-6
+    score_numbers: int = 1  # the score is the mean of the answer's first score_numbers numbers (PreResQ-R1: 5)
+    stop_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    loss: LossConfig = LossConfig()
+    rewards: tuple[RewardTerm, ...] = (RewardTerm("format"), RewardTerm("accuracy"))
+
+    def __post_init__(self):
+        if self.advantage_std not in STD_MODES:
+            raise ValueError(f"grpo: advantage_std {self.advantage_std!r} is not one of {STD_MODES}")
+        if min(self.num_generations, self.max_new_tokens, self.num_iterations, self.num_minibatches) < 1:
+            raise ValueError("grpo: num_generations, max_new_tokens, num_iterations, num_minibatches must be >= 1")
+        unknown = [t.name for t in self.rewards if t.name not in registry.available_rewards()]
+        if unknown or not self.rewards or len({t.name for t in self.rewards}) != len(self.rewards):
+            raise ValueError(
+                f"grpo: rewards {[t.name for t in self.rewards]} must be distinct registered names; unknown: "
+                f"{unknown}; registered: {list(registry.available_rewards())}"
+            )
+        if self.temperature <= 0 or self.loss.temperature != self.temperature:
+            raise ValueError(
+                f"grpo: temperature must be > 0 (got {self.temperature}) and equal loss.temperature "
+                f"({self.loss.temperature}): the trainer's log-probs must be the sampler's"
+            )
+
+    @property
+    def updates_per_step(self) -> int:
+        return self.num_iterations * self.num_minibatches
+
+    def sampling_config(self) -> sampling.SamplingConfig:
+        return sampling.SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            num_samples=self.num_generations,
+            pad_id=self.pad_id,
+        )
+
+
+@flax.struct.dataclass
+class Rollouts:
+    """G completions of B prompts (N = B * G rows), scored."""
+
+    tokens: jax.Array  # [N, L] int32
+    mask: jax.Array  # [N, L] bool; completion tokens up to and including the stop token
+    old_logp: jax.Array  # [N, L] float32; the sampler's log-probs
+    scores: jax.Array  # [B, G] float32; NaN where nothing parsed
+    rewards: dict  # name -> [B, G] float32, unweighted
+    total: jax.Array  # [B, G] float32; weighted sum
+    advantages: jax.Array  # [N] float32
+    zero_std: jax.Array  # [B] bool; groups whose rewards are all equal
+    parsed: jax.Array  # [N] bool
+    format_ok: jax.Array  # [N] bool
+
+
+@flax.struct.dataclass
+class Minibatch:
+    batch: Batch  # [n, T + L] teacher-forced prompt + completion
+    tokens: jax.Array  # [n, L]
+    mask: jax.Array  # [n, L]
+    old_logp: jax.Array  # [n, L]
+    advantages: jax.Array  # [n]
+    ref_logp: jax.Array | None  # [n, L] or None when beta = 0
+
+
+def score_rollouts(
+    settings: GRPOSettings, parser: parse_lib.Parser, tokens: jax.Array, mask: jax.Array, mos: jax.Array
+) -> tuple[parse_lib.ParseResult, jax.Array, dict, jax.Array]:
+    """(parse result [N], scores [B, G], rewards by name [B, G], weighted total [B, G]) from token ids."""
+    res = parser(tokens, mask)
+    inputs = iqa.reward_inputs(res, mos, settings.num_generations, score_numbers=settings.score_numbers)
+    rewards = registry.compute_rewards(inputs, {t.name: dict(t.params) for t in settings.rewards})
+    total = registry.combine_rewards(rewards, {t.name: t.weight for t in settings.rewards})
+    return res, inputs.scores, rewards, total
+
+
+def _sample(model, batch: Batch, rng: jax.Array, s: GRPOSettings) -> tuple[sampling.DecodeState, jax.Array]:
+    """The sampler's jitted pieces, traced inline: one prefill per prompt (cache tiled G times), then the decode
+    loop. Returns the final decode state (tokens, log-probs, lengths) and the completion mask [N, L]."""
+    graphdef, full = nnx.split(model)
+    config = s.sampling_config()
+    stop_ids = jnp.asarray(list(s.stop_ids) or [-1], jnp.int32)  # [S]; -1 matches nothing
+    state = sampling._prefill(graphdef, full, batch, None if config.greedy else rng, config=config)
+    return sampling._decode(graphdef, full, state, stop_ids, config=config)
+
+
+def _rows(x: jax.Array, axis: int = 0) -> jax.Array:
+    axes = [None] * x.ndim
+    axes[axis] = "batch"
+    return sharding.constrain(x, axes)
+
+
+def _constrain_batch(batch: Batch) -> Batch:
+    axis = lambda name: 1 if name == "position_ids" else 0
+    return batch.replace(**{f.name: _rows(getattr(batch, f.name), axis(f.name)) for f in dataclasses.fields(batch)})
+
+
+def _split_rows(x: jax.Array, num: int) -> jax.Array:
+    """[N, ...] -> [num, N / num, ...]; row i goes to minibatch i % num."""
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOStep:
+    """Static pieces of the GRPO step: the model's graph, the optimizer, the parameter labels and the settings."""
+
+    graphdef: nnx.GraphDef
+    rest: nnx.State  # non-parameter model state (passed through unchanged)
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule  # indexed by inner update
+    labels: dict  # TRAIN / FROZEN per parameter
+    settings: GRPOSettings
+
+    def _model(self, params):
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def rollout(self, params: dict, batch: Batch, mos: jax.Array, rng: jax.Array, parser) -> Rollouts:
+        """Samples G completions per prompt of the left-padded `batch` and scores them; mos [B] normalized MOS."""
+        s = self.settings
+        decode_state, mask = _sample(self._model(params), batch, rng, s)
+        tokens = _rows(decode_state.tokens)
+        mask = _rows(mask)
+        res, scores, rewards, total = score_rollouts(s, parser, tokens, mask, mos)
+        advantages, zero_std = group_advantages(total, std=s.advantage_std, eps=s.advantage_eps)
+        return Rollouts(
+            tokens=tokens,
+            mask=mask,
+            old_logp=_rows(jnp.where(mask, decode_state.logprobs, 0.0)),
+            scores=scores,
+            rewards=rewards,
+            total=total,
+            advantages=_rows(jax.lax.stop_gradient(advantages).reshape(-1).astype(jnp.float32)),
+            zero_std=zero_std,
+            parsed=res.parsed,
+            format_ok=res.format_ok,
+        )
+
+    def _completion_logp(self, params, mb: Minibatch, prompt_len: int) -> jax.Array:
+        logits = completion_logits(self._model(params)(mb.batch), prompt_len)
+        return token_logprobs(logits, mb.tokens, self.settings.loss.temperature)
+
+    def minibatches(self, batch: Batch, ro: Rollouts, ref_params: dict | None) -> Minibatch:
+        """The rollouts as [M, N / M, ...] minibatches, with reference log-probs when beta > 0."""
+        s = self.settings
+        m, prompt_len = s.num_minibatches, batch.input_ids.shape[1]
+        full = _constrain_batch(sampling.completion_batch(batch, ro, s.num_generations))  # [N, T + L]
+        stacked = Minibatch(
+            batch=split_micro_batches(full, m),
+            tokens=_split_rows(ro.tokens, m),
+            mask=_split_rows(ro.mask, m),
+            old_logp=_split_rows(ro.old_logp, m),
+            advantages=_split_rows(ro.advantages, m),
+            ref_logp=None,
+        )
+        if s.loss.beta > 0:
+            ref = jax.lax.map(lambda mb: self._completion_logp(ref_params, self._constrain(mb), prompt_len), stacked)
+            stacked = stacked.replace(ref_logp=jax.lax.stop_gradient(ref))
+        return stacked
+
+    @staticmethod
+    def _constrain(mb: Minibatch) -> Minibatch:
+        arrays = {k: _rows(getattr(mb, k)) for k in ("tokens", "mask", "old_logp", "advantages")}
+        ref = None if mb.ref_logp is None else _rows(mb.ref_logp)
+        return mb.replace(batch=_constrain_batch(mb.batch), ref_logp=ref, **arrays)
+
+    def __call__(
+        self, state: TrainState, batch: Batch, mos: jax.Array, parser, ref_params: dict | None = None
+    ) -> tuple[TrainState, dict]:
+        """One GRPO step: rollouts, rewards, advantages and mu * M optimizer updates (see the module docstring)."""
+        s = self.settings
+        key, sample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
+        ro = self.rollout(state.params, batch, mos, sample_key, parser)
+        stacked = self.minibatches(batch, ro, ref_params)
+        prompt_len = batch.input_ids.shape[1]
+
+        def mb_loss(params, mb: Minibatch):
+            logits = completion_logits(self._model(params)(mb.batch), prompt_len)  # [n, L, V]
+            return grpo_loss(logits, mb.tokens, mb.mask, mb.old_logp, mb.advantages, s.loss, mb.ref_logp)
+
+        def update(carry, u):
+            params, opt_state = carry
+            mb = self._constrain(jax.tree.map(lambda x: x[u % s.num_minibatches], stacked))
+            (loss, metrics), grads = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
+            grad_norm = optim.trainable_global_norm(grads, self.labels)
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
+            return (params, opt_state), metrics
+
+        (params, opt_state), per_update = jax.lax.scan(
+            update, (state.params, state.opt_state), jnp.arange(s.updates_per_step)
+        )
+        finite = jnp.all(per_update["finite"])
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        new_state = state.replace(
+            step=state.step + finite.astype(jnp.int32),
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            rng=jnp.where(finite, jax.random.key_data(key), state.rng),
+        )
+        return new_state, self._metrics(state, batch, mos, ro, per_update, finite)
+
+    def _metrics(self, state: TrainState, batch: Batch, mos, ro: Rollouts, per_update: dict, finite) -> dict:
+        s = self.settings
+        f32 = lambda x: x.astype(jnp.float32)
+        real_tokens = jnp.sum(f32(batch.attention_mask)) * s.num_generations + jnp.sum(f32(ro.mask))
+        real_patches = jnp.sum(f32(batch.window_segment_ids != 0)) * s.num_generations
+        metrics = {
+            "loss": jnp.mean(per_update["loss"]),
+            "grad_norm": jnp.mean(per_update["grad_norm"]),
+            "learning_rate": self.schedule(state.step * s.updates_per_step),
+            "tokens": real_tokens * s.num_iterations,
+            "patches": real_patches * s.num_iterations,
+            "target_tokens": jnp.sum(f32(ro.mask)),
+            "finite": finite,
+            "reward_mean": jnp.mean(ro.total),
+            "reward_std": jnp.std(ro.total),
+            "zero_std_fraction": jnp.mean(f32(ro.zero_std)),
+            "parse_failure_rate": 1.0 - jnp.mean(f32(ro.parsed)),
+            "format_rate": jnp.mean(f32(ro.format_ok)),
+            "completion_length": jnp.mean(jnp.sum(f32(ro.mask), axis=-1)),
+            "clip_fraction": jnp.mean(per_update["clip_fraction"]),
+            "entropy": per_update["entropy"][0],
+            "ratio_mean": jnp.mean(per_update["ratio_mean"]),
+            "first_ratio_max_dev": per_update["ratio_max_dev"][0],
+            "advantage_abs_mean": jnp.mean(jnp.abs(ro.advantages)),
+            # arrays for the host: correlations of group mean scores with MOS, and a decoded sample
+            "scores": ro.scores,
+            "mos": mos,
+            "sample_tokens": ro.tokens[0],
+            "sample_mask": ro.mask[0],
+        }
+        if "kl" in per_update:
+            metrics["kl"] = jnp.mean(per_update["kl"])
+        for name, r in ro.rewards.items():
+            metrics[f"reward/{name}_mean"] = jnp.mean(r)
+            metrics[f"reward/{name}_std"] = jnp.std(r)
+        return metrics
+
+
+def jit_grpo_step(step: GRPOStep, state_shards: TrainState, mesh: Mesh) -> Callable[..., tuple[TrainState, dict]]:
+    """`step` under one jax.jit over `mesh`: explicit state shardings (the state is donated), the batch and MOS split
+    over ('data', 'fsdp'), parser tables and reference params as given; metrics come back replicated.
+
+    Call it as `fn(state, batch, mos, parser, ref_params)`; ref_params is None when beta = 0."""
+    rep = NamedSharding(mesh, PartitionSpec())
+    cache: dict = {}
+
+    def run(state: TrainState, batch: Batch, mos: jax.Array, parser, ref_params: dict | None = None):
+        if (ref_params is None) != (step.settings.loss.beta == 0):
+            raise ValueError("grpo: pass ref_params exactly when loss.beta > 0")
+        if "fn" not in cache:
+            shards = batch_shardings(batch, mesh)
+            ref_shards = None if ref_params is None else state_shards.params
+            cache["fn"] = jax.jit(
+                step.__call__,
+                in_shardings=(state_shards, shards, shards.rope_deltas, rep, ref_shards),
+                out_shardings=(state_shards, rep),
+                donate_argnums=0,
+            )
+        with jax.set_mesh(mesh):
+            return cache["fn"](state, batch, mos, parser, ref_params)
+
+    run.cache = cache  # holds the jitted function after the first call (lowering / compile-count checks)
+    return run
+
+
+def run(config, workdir):
+    """The `grpo` job (configs/qponder.py, configs/preresq.py); see `grpo_job.run`."""
+    from qponder_jax.train import grpo_job
+
+    return grpo_job.run(config, workdir)

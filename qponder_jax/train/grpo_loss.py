@@ -1,0 +1,196 @@
+"""The GRPO loss, pure `jnp`: per-token log-probs, the clipped policy term, KL to a reference, aggregation by name.
+
+All per-token arrays are [N, L]: N completions, L = max_new_tokens, aligned with the sampler's `tokens`, under a
+`mask` that is True on completion tokens up to and including the stop token. Per token:
+
+    log_ratio = clip(logp - old_logp, -20, 20);  ratio = exp(log_ratio)
+    policy    = max(-A * ratio, -A * clip(ratio, 1 - eps_low, 1 + eps_high))        (A: the row's advantage)
+    kl        = k3: exp(r) - r - 1 (default) | k2: r^2 / 2 | k1: -r,   r = clip(ref_logp - logp, -20, 20)
+    loss_tok  = policy + beta * kl           (the reference is never read when beta = 0)
+
+and the tokens' losses are reduced by an aggregation from `AGGREGATIONS` (see each function). A token is "clipped"
+when the clipped branch is the active one (ratio below 1 - eps_low with A < 0, or above 1 + eps_high with A > 0):
+its gradient is then zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOG_RATIO_CLAMP = 20.0  # |log-ratio| bound before exp, for the policy ratio and the KL estimators
+
+Aggregation = Callable[[jax.Array, jax.Array, int], jax.Array]  # (per_token [N, L], mask [N, L], norm_length) -> []
+AGGREGATIONS: dict[str, Aggregation] = {}
+KL_ESTIMATORS: dict[str, Callable[[jax.Array], jax.Array]] = {}  # log(ref / policy) [N, L] -> KL estimate [N, L]
+
+
+def register_aggregation(name: str):
+    def wrap(fn: Aggregation) -> Aggregation:
+        AGGREGATIONS[name] = fn
+        return fn
+
+    return wrap
+
+
+def register_kl(name: str):
+    def wrap(fn):
+        KL_ESTIMATORS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_aggregation("token-mean")
+def token_mean(x: jax.Array, mask: jax.Array, norm_length: int) -> jax.Array:
+    """Sum over every completion token of the batch / number of those tokens (verl's default, DAPO)."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+@register_aggregation("seq-mean-token-mean")
+def seq_mean_token_mean(x: jax.Array, mask: jax.Array, norm_length: int) -> jax.Array:
+    """Each completion's token mean, then the mean over completions that have tokens (the original GRPO, Tunix)."""
+    m = mask.astype(jnp.float32)
+    count = jnp.sum(m, axis=-1)  # [N]
+    per_seq = jnp.sum(x * m, axis=-1) / jnp.maximum(count, 1.0)  # [N]
+    has = (count > 0).astype(jnp.float32)
+    return jnp.sum(per_seq * has) / jnp.maximum(jnp.sum(has), 1.0)
+
+
+@register_aggregation("seq-mean-token-sum-norm")
+def seq_mean_token_sum_norm(x: jax.Array, mask: jax.Array, norm_length: int) -> jax.Array:
+    """Dr. GRPO: each completion's token sum / the constant `norm_length`, averaged over the N completions
+    (TRL's dr_grpo: sum / (N * L_max)); no length bias from dividing by each completion's own length."""
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x * m) / (x.shape[0] * float(norm_length))
+
+
+@register_kl("k1")
+def kl_k1(log_ref_ratio: jax.Array) -> jax.Array:
+    """log(pi / ref): unbiased, high variance, can be negative."""
+    return -log_ref_ratio
+
+
+@register_kl("k2")
+def kl_k2(log_ref_ratio: jax.Array) -> jax.Array:
+    """(log(ref / pi))^2 / 2: biased, low variance, >= 0."""
+    return 0.5 * jnp.square(log_ref_ratio)
+
+
+@register_kl("k3")
+def kl_k3(log_ref_ratio: jax.Array) -> jax.Array:
+    """ref/pi - log(ref/pi) - 1: unbiased, low variance, >= 0 (Schulman's k3; GRPO's KL term)."""
+    return jnp.exp(log_ref_ratio) - log_ref_ratio - 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The static settings of the GRPO loss."""
+
+    eps_low: float = 0.2  # ratio clip below: 1 - eps_low
+    eps_high: float = 0.2  # ratio clip above: 1 + eps_high (DAPO's clip-higher uses e.g. 0.28)
+    beta: float = 0.0  # KL coefficient; 0 skips the reference entirely
+    kl_estimator: str = "k3"  # one of KL_ESTIMATORS
+    aggregation: str = "token-mean"  # one of AGGREGATIONS
+    norm_length: int = 1  # the constant length of seq-mean-token-sum-norm (use max_new_tokens)
+    temperature: float = 1.0  # the sampling temperature: log-probs are log_softmax(logits / temperature)
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"grpo loss: unknown aggregation {self.aggregation!r}; known: {sorted(AGGREGATIONS)}")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"grpo loss: unknown kl_estimator {self.kl_estimator!r}; known: {sorted(KL_ESTIMATORS)}")
+        if self.eps_low < 0 or self.eps_high < 0 or self.eps_low >= 1:
+            raise ValueError(f"grpo loss: need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low}, {self.eps_high}")
+        if self.beta < 0 or self.norm_length < 1 or self.temperature <= 0:
+            raise ValueError(
+                f"grpo loss: need beta >= 0, norm_length >= 1, temperature > 0; got {self.beta}, "
+                f"{self.norm_length}, {self.temperature}"
+            )
+
+
+def scaled_log_softmax(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """log_softmax(logits / temperature) in float32, [..., V]."""
+    scaled = logits.astype(jnp.float32)
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    return jax.nn.log_softmax(scaled, axis=-1)
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """[N, L] log-prob of each completion token; logits [N, L, V] are the ones that score those tokens."""
+    logp = scaled_log_softmax(logits, temperature)
+    return jnp.take_along_axis(logp, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+    """[N, L] entropy of the (temperature-scaled) next-token distribution."""
+    logp = scaled_log_softmax(logits, temperature)
+    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+
+
+def completion_logits(logits: jax.Array, prompt_len: int) -> jax.Array:
+    """The logits that score the completion tokens of a teacher-forced [N, T + L] batch: columns T - 1 .. T + L - 2
+    -> [N, L, V]."""
+    steps = logits.shape[1] - prompt_len
+    return jax.lax.slice_in_dim(logits, prompt_len - 1, prompt_len - 1 + steps, axis=1)
+
+
+def policy_terms(
+    logp: jax.Array, old_logp: jax.Array, advantages: jax.Array, eps_low: float, eps_high: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(per-token clipped policy loss [N, L], ratio [N, L], clipped flag [N, L]); advantages [N]."""
+    log_ratio = jnp.clip(logp - jax.lax.stop_gradient(old_logp), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
+    adv = advantages[:, None].astype(jnp.float32)  # [N, 1]
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    is_clipped = ((ratio < 1.0 - eps_low) & (adv < 0)) | ((ratio > 1.0 + eps_high) & (adv > 0))
+    return jnp.maximum(unclipped, clipped), ratio, is_clipped
+
+
+def kl_term(logp: jax.Array, ref_logp: jax.Array, estimator: str = "k3") -> jax.Array:
+    """[N, L] per-token KL(pi || ref) estimate; the reference gets no gradient."""
+    log_ref_ratio = jnp.clip(jax.lax.stop_gradient(ref_logp) - logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return KL_ESTIMATORS[estimator](log_ref_ratio)
+
+
+def grpo_loss(
+    logits: jax.Array,
+    tokens: jax.Array,
+    mask: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    config: LossConfig,
+    ref_logp: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss, metrics) for completions `tokens` [N, L] scored by `logits` [N, L, V].
+
+    old_logp [N, L]: log-probs under the policy that sampled (no gradient); advantages [N]; ref_logp [N, L] is
+    required when config.beta > 0 and ignored otherwise. Metrics are token means over the mask (`kl` only when
+    beta > 0), the largest |ratio - 1| over the mask, and the mean completion length.
+    """
+    logp = token_logprobs(logits, tokens, config.temperature)
+    per_token, ratio, is_clipped = policy_terms(logp, old_logp, advantages, config.eps_low, config.eps_high)
+    metrics = {}
+    if config.beta > 0:
+        if ref_logp is None:
+            raise ValueError("grpo loss: beta > 0 needs ref_logp")
+        kl = kl_term(logp, ref_logp, config.kl_estimator)
+        per_token = per_token + config.beta * kl
+        metrics["kl"] = token_mean(kl, mask, 1)
+    aggregate = AGGREGATIONS[config.aggregation]
+    loss = aggregate(per_token, mask, config.norm_length)
+    stop = jax.lax.stop_gradient
+    metrics.update(
+        clip_fraction=token_mean(is_clipped.astype(jnp.float32), mask, 1),
+        ratio_mean=token_mean(stop(ratio), mask, 1),
+        ratio_max_dev=jnp.max(jnp.where(mask, jnp.abs(stop(ratio) - 1.0), 0.0)),
+        entropy=token_mean(token_entropy(stop(logits), config.temperature), mask, 1),
+        completion_length=jnp.mean(jnp.sum(mask.astype(jnp.float32), axis=-1)),
+    )
+    return loss, metrics
