@@ -176,6 +176,16 @@ def _decode(
     return state, jnp.arange(config.max_new_tokens)[None, :] < state.lengths[:, None]
 
 
+def sample(
+    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig
+) -> tuple[DecodeState, jax.Array]:
+    """Prefill then the decode loop, traceable: callable inside another jitted function (the GRPO step), where
+    both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing). Returns the final
+    decode state (tokens, log-probs, lengths) and the completion mask [N, L]."""
+    state = _prefill(graphdef, params, batch, rng, config=config)
+    return _decode(graphdef, params, state, stop_ids, config=config)
+
+
 def generate(
     model: Qwen25VL,
     batch: Batch,
@@ -222,8 +232,7 @@ def generate(
     mesh = _mesh_of(params)
     batch = _place(batch, mesh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state = _prefill(graphdef, params, batch, rng, config=config)
-        state, mask = _decode(graphdef, params, state, _stop_ids(model, stop_ids), config=config)
+        state, mask = sample(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config)
     return SampleOutput(state.tokens, state.logprobs, state.lengths, mask, state.step)
 
 

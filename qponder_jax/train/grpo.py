@@ -149,8 +149,7 @@ def _sample(model, batch: Batch, rng: jax.Array, s: GRPOSettings) -> tuple[sampl
     graphdef, full = nnx.split(model)
     config = s.sampling_config()
     stop_ids = jnp.asarray(list(s.stop_ids) or [-1], jnp.int32)  # [S]; -1 matches nothing
-    state = sampling._prefill(graphdef, full, batch, None if config.greedy else rng, config=config)
-    return sampling._decode(graphdef, full, state, stop_ids, config=config)
+    return sampling.sample(graphdef, full, batch, None if config.greedy else rng, stop_ids, config=config)
 
 
 def _rows(x: jax.Array, axis: int = 0) -> jax.Array:
