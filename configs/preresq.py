@@ -4,7 +4,8 @@
     qponder --config=configs/preresq.py:7b --workdir=runs/preresq_7b \
         --config.init_checkpoint=/ckpt/Qwen2.5-VL-7B-Instruct --config.data.data_dir=/data/tfds
 
-PreResQ-R1's settings (arXiv 2511.05393, see /work/shared/REFERENCES.md): 6 rollouts, 48 completions per GPU
+PreResQ-R1's settings (arXiv 2511.05393; github DanceSkyCode/General-Visual-Quality-RL): 6 rollouts,
+48 completions per GPU
 (8 prompts x 6; data.batch_size 64 on 8 GPUs), 8 epochs of the KADID-10k train split, lr 1e-6, beta 0.04, max
 completion 256, temperature 1.0, the PreResQ-R1 prompt (five ratings; the score is their mean, missing ratings
 padded with the first, none = a parse failure, never their default of 3), and a 0/1 format reward next to the

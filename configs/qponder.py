@@ -13,7 +13,8 @@ configs/qponder_ci.py or its exported HF folder) and train on KonIQ-10k's train 
 The paper's rewards and hyper-parameters are not public. The recipe here is ours: format (valid think/answer with a
 number), accuracy (Q-Insight's threshold |s_hat - s| < 0.35) and consistency (OUR definition: the reasoning's level
 word against the score's level bin, partial credit for a neighbouring bin), G = 8 (Q-Insight), lr 1e-6 and clip 0.2
-(VisualQuality-R1). Our GRPO conventions (see /work/shared/REFERENCES.md for the others'):
+(VisualQuality-R1). Our GRPO conventions (the README's "GRPO conventions" table compares them with verl,
+TRL, Tunix and EasyDeL):
 - aggregation `token-mean`: the loss is the mean over every completion token of a minibatch (verl's default; DAPO);
   `seq-mean-token-mean` (Tunix, the original GRPO) and `seq-mean-token-sum-norm` (Dr. GRPO: token sums / the
   constant norm_length, defaulting to max_new_tokens) are the alternatives;

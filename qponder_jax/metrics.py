@@ -1,6 +1,6 @@
 """IQA correlation metrics: SRCC, PLCC (raw and after the 4-parameter logistic fit), KRCC, MAE.
 
-Conventions (see ../shared/REFERENCES.md, "Metrics"):
+Conventions (as DeQA-Score, VisualQuality-R1 and PreResQ-R1 report them):
 - SRCC / KRCC / PLCC are scipy's spearmanr / kendalltau (tau-b) / pearsonr.
 - DeQA-Score fits y_hat = (b1 - b2) / (1 + exp(-(x - b3) / b4)) + b2 before PLCC, initialized at
   [max y, min y, mean x, std x / 4]; VisualQuality-R1 and PreResQ-R1 report raw PLCC. We report both.

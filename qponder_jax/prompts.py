@@ -1,8 +1,8 @@
 """Every prompt template, in one place, and the helper that builds a chat `messages` list for one image.
 
 The Q-Ponder paper's exact prompts are not public; `QPONDER` and `TEACHER` are ours. The VisualQuality-R1 and
-PreResQ-R1 questions and the think/answer instruction are the wording of those projects (see
-/work/shared/REFERENCES.md).
+PreResQ-R1 questions and the think/answer instruction are the wording of those projects (github
+TianheWu/VisualQuality-R1, DanceSkyCode/General-Visual-Quality-RL).
 """
 
 from __future__ import annotations
