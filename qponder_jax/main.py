@@ -19,6 +19,8 @@ from typing import Any
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from qponder_jax import distributed  # registers --coordinator_address, --num_processes, --process_id
+
 JobFn = Callable[[Any, Path], Any]
 
 JOBS: dict[str, str | JobFn] = {
@@ -74,6 +76,11 @@ def main(argv: list[str]) -> None:
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; ask with --verbosity=0
     workdir = Path(_WORKDIR.value)
+    try:  # multi-process start-up (before any JAX device use), then: every process runs the same config
+        distributed.initialize_from_env()
+        distributed.check_consistent(config, workdir)
+    except distributed.DistributedError as e:
+        raise SystemExit(f"qponder: error: {e}") from e
     job = get_job(config.job)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
