@@ -264,3 +264,16 @@ def check_consistent(config: Any, workdir: str | os.PathLike, *, timeout_s: int 
             + ". Every process must run the same command with the same config overrides and workdir."
         )
     return hashlib.sha256(json.dumps(mine, sort_keys=True).encode()).hexdigest()
+
+
+def run_once(fn, *, name: str):
+    """Runs `fn()` on process 0 only (shared files: the embedded model, synthetic data); every process then waits
+    at a barrier named `name` until it is done. Returns fn's result on process 0 and None elsewhere."""
+    import jax
+
+    result = fn() if jax.process_index() == 0 else None
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+    return result

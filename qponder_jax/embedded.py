@@ -12,10 +12,10 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qponder_jax import distributed
 from qponder_jax.errors import ConfigError
 from qponder_jax.model.config import Qwen25VLConfig, tiny_config
 from qponder_jax.model.qwen2_5_vl import Qwen25VL
@@ -35,14 +35,20 @@ def dtype_of(name: str, field: str):
 
 def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     """Writes the demo tokenizer + a tiny random model (`tiny_config` with the tokenizer's vocab and special ids) as
-    an HF folder at `out_dir`; an existing complete folder is reused. Returns the folder."""
+    an HF folder at `out_dir`; an existing complete folder is reused. Returns the folder. In a multi-process run,
+    process 0 builds it and the others wait for it."""
+    out = Path(out_dir)
+    distributed.run_once(lambda: _build_tiny_model(out, seed), name=f"build_tiny_model:{out}")
+    return out
+
+
+def _build_tiny_model(out: Path, seed: int) -> None:
     from qponder_jax.data.tokenizer import build_demo_tokenizer, special_token_ids
     from qponder_jax.hf import save_hf
     from qponder_jax.model.qwen2_5_vl import create_model
 
-    out = Path(out_dir)
     if (out / "config.json").is_file() and any((out / w).is_file() for w in _HF_WEIGHTS):
-        return out
+        return
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     tok_dir = build_demo_tokenizer(staging / "tokenizer")
@@ -59,11 +65,9 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     )
     model = create_model(config, rngs_seed=seed)
     save_hf(model, config, staging / "hf", tokenizer_dir=tok_dir)
-    if jax.process_index() == 0:
-        shutil.rmtree(out, ignore_errors=True)
-        (staging / "hf").rename(out)
-        shutil.rmtree(staging, ignore_errors=True)
-    return out
+    shutil.rmtree(out, ignore_errors=True)
+    (staging / "hf").rename(out)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def resolve_model_dir(model_cfg: Mapping, workdir: str | Path) -> tuple[Path, Path]:

@@ -125,3 +125,18 @@ def test_processes_with_different_configs_fail_fast(tmp_path):
             "processes disagree: process 1 differs from process 0 in config.seed (process 1: 7, process 0: 0)" in text
         )
     assert not (tmp_path / "w").exists()  # refused before the job touched the workdir
+
+
+def test_run_once_runs_on_process_zero_and_waits(monkeypatch):
+    import jax
+    from jax.experimental import multihost_utils
+
+    calls, barriers = [], []
+    monkeypatch.setattr(multihost_utils, "sync_global_devices", barriers.append)
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(jax, "process_index", lambda: 1)
+    assert dist.run_once(lambda: calls.append("built") or 7, name="build") is None
+    assert calls == [] and barriers == ["build"]  # process 1 never writes, but waits for process 0
+    monkeypatch.setattr(jax, "process_index", lambda: 0)
+    assert dist.run_once(lambda: calls.append("built") or 7, name="build") == 7
+    assert calls == ["built"] and barriers == ["build", "build"]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qponder_jax import prompts
+from qponder_jax import distributed, prompts
 from qponder_jax.data.datasets.cold_start import ColdStartRecord, ColdStartWriter
 from qponder_jax.data.datasets.synthetic import SyntheticIQA
 
@@ -83,23 +83,24 @@ def write_synthetic_cold_start(
     """Writes `size` synthetic records of `split` as `<out_dir>/<split>.jsonl` plus PNGs in `<out_dir>/<split>/`.
 
     Idempotent: a folder already written with the same settings (recorded in `<split>.settings.json`) is reused.
-    Returns the JSONL path.
+    In a multi-process run, process 0 writes it and the others wait. Returns the JSONL path.
     """
     out = Path(out_dir)
+    settings = dict(split=split, size=size, seed=seed, prompt_name=prompt_name, min_side=min_side, max_side=max_side)
+    distributed.run_once(lambda: _write(out, settings), name=f"synthetic_cold_start:{out}:{split}")
+    return out / f"{split}.jsonl"
+
+
+def _write(out: Path, settings: dict) -> None:
+    split = settings["split"]
     jsonl = out / f"{split}.jsonl"
     manifest = out / f"{split}.settings.json"
-    settings = {
-        "split": split,
-        "size": size,
-        "seed": seed,
-        "prompt_name": prompt_name,
-        "min_side": min_side,
-        "max_side": max_side,
-    }
     if jsonl.is_file() and manifest.is_file() and json.loads(manifest.read_text()) == settings:
-        return jsonl
-    source = SyntheticIQA(split, size, seed=seed, min_side=min_side, max_side=max_side)
-    prompt = prompts.prompt_text(prompt_name)
+        return
+    source = SyntheticIQA(
+        split, settings["size"], seed=settings["seed"], min_side=settings["min_side"], max_side=settings["max_side"]
+    )
+    prompt = prompts.prompt_text(settings["prompt_name"])
     images = out / split
     images.mkdir(parents=True, exist_ok=True)
     with ColdStartWriter(jsonl) as writer:
@@ -109,4 +110,3 @@ def write_synthetic_cold_start(
             image_path.write_bytes(example["image"])
             writer.write(record_for(example, image_path, prompt))
     manifest.write_text(json.dumps(settings, indent=2) + "\n")
-    return jsonl
