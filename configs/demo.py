@@ -1,0 +1,85 @@
+"""The demo: the whole Q-Ponder pipeline at toy scale on a CPU, with nothing downloaded.
+
+    qponder --config=configs/demo.py --workdir=runs/demo          # ~10 minutes on 2 CPU cores
+    qponder --config=configs/demo.py:test --workdir=/tmp/demo     # the reduced setting tests/test_demo.py runs
+
+Seven stages, each in its own sub-folder of the workdir with a `done.json` marker: (1) the demo tokenizer and a tiny
+random Qwen2.5-VL as an HF folder, (2) the synthetic IQA set (train / validation / test), (3) cold-start data from the
+rule-based teacher, (4) cold-start SFT -> Q-Ponder-CI, (5) GRPO -> Q-Ponder, (6) evaluation of the random model,
+Q-Ponder-CI and Q-Ponder on the test split, (7) export of Q-Ponder as an HF folder. Rerunning the same command skips
+finished stages and resumes an interrupted one from its checkpoint.
+
+The stage configs are the `tiny` variants of configs/qponder_ci.py, configs/qponder.py, configs/eval.py and
+configs/export.py with the fields below written over them.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `configs` importable from any cwd
+
+import ml_collections  # noqa: E402
+
+from configs import common  # noqa: E402
+
+VARIANTS = ("default", "test")
+
+# A short user prompt: the demo model is trained from scratch, so the long expert prompt only costs tokens.
+DEMO_PROMPT = "Rate the quality of this image."
+
+
+def get_config(arg: str | None = None):
+    variant = common.parse_variant(arg, VARIANTS, default="default")
+    config = ml_collections.ConfigDict()
+    config.job = "demo"  # which job `qponder` runs (see qponder_jax/main.py:JOBS)
+    config.variant = variant  # the variant this config was built for (informational)
+    config.seed = 0  # seed of the random model, the synthetic images and the training runs
+
+    m = config.model = common.model(model_path="embedded:demo")
+    m.hidden_size = 64  # language model width
+    m.intermediate_size = 128  # language model MLP width
+    m.num_layers = 2  # language model layers
+    m.vision_hidden_size = 32  # vision tower width
+    m.vision_depth = 2  # vision tower blocks
+    m.patch_init = "dct"  # patch-embedding init: "dct" (a fixed 2-D DCT filter bank, data-free) or "random"
+
+    d = config.data = ml_collections.ConfigDict()
+    d.train_size = 2048  # synthetic training images (cold-start SFT and GRPO prompts)
+    d.validation_size = 64  # synthetic held-out images (the SFT eval loss)
+    d.test_size = 256  # synthetic test images (the table)
+    d.min_side = 56  # smallest image side in pixels (56 px = 4 image tokens)
+    d.max_side = 84  # largest image side in pixels (84 px = 9 image tokens)
+    d.prompt_text = DEMO_PROMPT  # the user prompt of every stage
+    d.response_style = "short"  # teacher response: "short" (`<think>blur, strong; quality poor</think>...`) or "long"
+
+    s = config.sft = ml_collections.ConfigDict()
+    s.total_steps = 600  # cold-start SFT updates
+    s.batch_size = 16  # images per update
+    s.peak_lr = 3e-3  # learning rate after warmup (cosine decay to 0)
+    s.warmup_steps = 20  # linear warmup updates
+    s.log_every = 50  # progress line every N updates
+    s.checkpoint_every = 100  # checkpoint every K updates (resume point)
+
+    g = config.grpo = ml_collections.ConfigDict()
+    g.total_steps = 10  # GRPO steps (rollouts + one update each)
+    g.batch_size = 8  # prompts per step
+    g.num_generations = 4  # G rollouts per prompt
+    g.max_new_tokens = 32  # longest rollout (a short teacher response is ~26 tokens)
+    g.temperature = 1.0  # rollout sampling temperature
+    g.peak_lr = 1e-5  # learning rate (constant): low, so GRPO refines Q-Ponder-CI without undoing it
+    g.beta = 0.01  # KL coefficient to Q-Ponder-CI
+    g.log_every = 5  # progress line every N steps
+    g.checkpoint_every = 5  # checkpoint every K steps (resume point)
+
+    e = config.eval = ml_collections.ConfigDict()
+    e.batch_size = 32  # images per generate call
+    e.max_new_tokens = 32  # longest greedy completion
+
+    config.export_dtype = ""  # safetensors dtype of the exported Q-Ponder ("" = the parameters' own, float32)
+
+    if variant == "test":  # reduced, still meaningful: the quality test of tests/test_demo.py
+        d.train_size, d.validation_size, d.test_size = 1024, 32, 128
+        s.total_steps, s.checkpoint_every = 400, 200
+        g.total_steps = 4
+        g.log_every = g.checkpoint_every = 2
+    return config.lock()

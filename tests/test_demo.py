@@ -1,0 +1,158 @@
+"""The demo job: stage markers and resume (fast, with stand-in stages), its building blocks, and the real pipeline
+end to end through the `qponder` CLI in a fresh process (slow)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from qponder_jax import demo
+from qponder_jax.data.datasets.cold_start import ColdStartSource
+from qponder_jax.rewards.parse import parse_text
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stages(calls: list, fail_at: str | None = None):
+    def make(name):
+        def fn(config, where, outputs):
+            calls.append(name)
+            if name == fail_at:
+                raise KeyboardInterrupt  # an interrupted run: no marker is written
+            (where / "artifact").write_text(name)
+            return {"artifact": str(where / "artifact"), "seen": sorted(outputs)}
+
+        return demo.Stage(name, f"stage {name}", fn)
+
+    return [make(n) for n in ("a", "b", "c")]
+
+
+def test_run_stages_writes_markers_and_skips_finished_stages(tmp_path):
+    calls = []
+    outputs, ran = demo.run_stages(None, tmp_path, _stages(calls), say=lambda s: None)
+    assert calls == ran == ["a", "b", "c"]
+    assert outputs["c"]["seen"] == ["a", "b"]  # each stage gets the outputs of the earlier ones
+    assert json.loads((tmp_path / "2_b" / demo.DONE).read_text())["artifact"] == str(tmp_path / "2_b" / "artifact")
+
+    calls.clear()
+    lines = []
+    again, ran = demo.run_stages(None, tmp_path, _stages(calls), say=lines.append)
+    assert calls == ran == []  # nothing reruns
+    assert again["b"]["artifact"] == outputs["b"]["artifact"]
+    assert all("already done" in line for line in lines)
+
+
+def test_run_stages_resumes_after_an_interruption(tmp_path):
+    calls = []
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_stages(None, tmp_path, _stages(calls, fail_at="b"), say=lambda s: None)
+    assert calls == ["a", "b"] and not (tmp_path / "2_b" / demo.DONE).exists()
+    calls.clear()
+    _, ran = demo.run_stages(None, tmp_path, _stages(calls), say=lambda s: None)
+    assert calls == ran == ["b", "c"]  # a stays done; b runs again, then c
+
+
+def test_a_preempted_training_stage_stops_the_demo_without_a_marker(tmp_path):
+    stage = demo.Stage("t", "train", lambda c, w, o: {"status": "preempted"})
+    with pytest.raises(SystemExit, match="rerun the same command to resume"):
+        demo.run_stages(None, tmp_path, [stage], say=lambda s: None)
+    assert demo.read_marker(tmp_path / "1_t") is None
+
+
+def test_progress_lines_get_the_stage_step_of_total_and_time_left():
+    class Out:
+        text = ""
+
+        def write(self, s):
+            self.text += s
+
+        def flush(self):
+            pass
+
+    out = Out()
+    p = demo.Progress(out, "[4/7 sft]", total_steps=100)
+    p.write("train step 10 | loss 1.5000 | learning_rate 0.0030 | grad_norm 0.1\n")
+    p.write("train step 20 | loss 0.7500 | learning_rate 0.0030 | grad_norm 0.1\nsome other line\n")
+    lines = out.text.splitlines()
+    assert lines[0] == "[4/7 sft] train step 10/100 | loss 1.5000 | estimating time left"
+    assert lines[1].startswith("[4/7 sft] train step 20/100 | loss 0.7500 | ~") and lines[1].endswith(" s left")
+    assert lines[2] == "[4/7 sft] some other line"
+
+
+def test_short_response_names_distortion_severity_and_level_and_parses():
+    text = demo.short_response("blur", 4, 2.1049)
+    assert text == "<think>blur, strong; quality poor</think><answer>2.10</answer>"
+    parsed = parse_text(text)
+    assert parsed.format_ok and parsed.numbers[0] == pytest.approx(2.10) and parsed.level == 2
+    assert demo.short_response("none", 0, 4.9) == "<think>no distortion; quality excellent</think><answer>4.90</answer>"
+
+
+def test_dct_patch_kernel_is_an_orthonormal_filter_bank():
+    k = demo.dct_patch_kernel((3, 2, 14, 14), 32)
+    assert k.shape == (3 * 2 * 14 * 14, 32)
+    np.testing.assert_allclose(k.T @ k, np.eye(32), atol=1e-5)
+    flat = np.ones((3, 2, 14, 14)).reshape(-1)  # a flat gray patch: only the channel means respond
+    response = flat @ k
+    assert np.all(response[:3] > 0) and np.abs(response[3:]).max() < 1e-5
+
+
+def test_synthetic_split_and_cold_start_go_through_the_cold_start_jsonl_path(tmp_path):
+    index = demo.write_synthetic_split(tmp_path / "data", "train", 6, seed=0, min_side=56, max_side=56)
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    assert len(rows) == 6 and all((tmp_path / "data" / r["image"]).is_file() for r in rows)
+    jsonl = demo.write_cold_start(index, tmp_path / "cs" / "train.jsonl", "Rate it.")
+    source = ColdStartSource(jsonl)  # the reader the SFT job uses validates every line and image
+    assert len(source) == 6 and source.num_skipped == 0
+    for row, i in zip(rows, range(6), strict=True):
+        record = source[i]
+        assert record["prompt"] == "Rate it." and record["mos"] == pytest.approx(row["mos"])
+        assert record["response"] == demo.short_response(row["distortion_type"], row["distortion_level"], row["mos"])
+
+
+def _cli(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # the CLI's own process: one CPU device
+    cmd = [sys.executable, "-m", "qponder_jax.main", "--config=configs/demo.py:test", f"--workdir={workdir}"]
+    return subprocess.run(
+        cmd + list(overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=1800, check=False
+    )
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """The reduced demo (configs/demo.py:test) from nothing to an exported Q-Ponder, then the same command again."""
+    workdir = tmp_path_factory.mktemp("demo")
+    first = _cli(workdir)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    markers = {p: p.stat().st_mtime_ns for p in workdir.glob(f"*/{demo.DONE}")}
+    second = _cli(workdir)
+    assert second.returncode == 0, second.stderr[-3000:]
+    return workdir, first, second, markers
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_a_rerun_reports_complete(demo_run):
+    workdir, first, second, markers = demo_run
+    assert len(markers) == 7 and "[stage 7/7]" in first.stdout and "Q-Ponder (SFT + GRPO)" in first.stdout
+    assert (workdir / "7_export" / "hf" / "model.safetensors").is_file()
+    results = json.loads((workdir / "6_eval" / demo.DONE).read_text())["results"]
+    assert set(results) == {"random", "qponder_ci", "qponder"}
+    assert "is complete" in second.stdout and second.stdout.count("already done") == 7
+    assert {p: p.stat().st_mtime_ns for p in workdir.glob(f"*/{demo.DONE}")} == markers  # nothing ran again
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 8 quality target not reached yet: the tiny demo model's test SRCC stays near 0 after SFT "
+    "(it learns the response format but not to read distortions from the image)",
+)
+def test_demo_quality_qponder_srcc_at_least_080_and_grpo_does_not_lower_it(demo_run):
+    results = json.loads((demo_run[0] / "6_eval" / demo.DONE).read_text())["results"]
+    ci, qp = results["qponder_ci"]["srcc"], results["qponder"]["srcc"]
+    assert qp >= 0.80, results
+    assert qp >= ci - 0.01, results  # GRPO does not lower the cold start's SRCC (0.01: greedy-decode ties)
+    assert results["qponder"]["parse_failure_rate"] <= 0.05, results
