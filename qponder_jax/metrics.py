@@ -14,12 +14,12 @@ import dataclasses
 import warnings
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize, special, stats
 
 
 def logistic4(x: np.ndarray, b1: float, b2: float, b3: float, b4: float) -> np.ndarray:
     """The 4-parameter logistic used by DeQA-Score before PLCC."""
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / b4)) + b2
+    return (b1 - b2) * special.expit((x - b3) / b4) + b2  # expit: no overflow for far-out x
 
 
 def fit_logistic(pred: np.ndarray, mos: np.ndarray) -> np.ndarray:

@@ -43,3 +43,12 @@ def test_logistic_fit_recovers_known_parameters():
 def test_constant_predictions_give_nan_correlation():
     m = iqa_metrics(np.full(10, 3.0), np.linspace(1, 5, 10))
     assert np.isnan(m.srcc) and np.isnan(m.plcc)
+
+
+def test_logistic_is_stable_far_from_its_centre():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an overflow in exp would raise here
+        y = logistic4(np.array([-1e4, 0.0, 1e4]), 5.0, 1.0, 0.0, 0.1)
+    np.testing.assert_allclose(y, [1.0, 3.0, 5.0])
