@@ -10,7 +10,7 @@ from torch_ref import make_batch, make_torch_model, our_model_from_torch, torch_
 
 from qponder_jax.hf import load_hf
 from qponder_jax.model.config import tiny_config
-from qponder_jax.model.qwen2_5_vl import check_batch
+from qponder_jax.model.qwen2_5_vl import check_batch, create_model
 
 IMAGE_GRID = (1, 4, 6)  # 6 merged image tokens
 
@@ -264,3 +264,26 @@ def test_remat_and_bf16(tiny):
     diff = np.abs(logits - reference).max()
     print(f"bf16 compute vs fp32: max abs diff {diff:.3f} (max |logit| {np.abs(reference).max():.2f})")
     assert 0 < diff < 0.05 * np.abs(reference).max()
+
+
+def test_remat_model_decodes_inside_a_while_loop():
+    """The GRPO rollout decodes inside a jitted loop; a remat model (the 3b/7b configs) must work there too."""
+    cfg = tiny_config()
+    outs = []
+    for remat in (False, True):
+        graphdef, state = nnx.split(create_model(cfg, rngs_seed=0, remat=remat))
+
+        @jax.jit
+        def run(state, graphdef=graphdef):
+            m = nnx.merge(graphdef, state)
+
+            def body(i, carry):
+                cache, tok, acc = carry
+                logits, cache = m.decode_step(tok, jnp.full((3, 2, 1), i, jnp.int32), cache)
+                return cache, jnp.argmax(logits, -1).astype(jnp.int32), acc + logits[:, 0, :3]
+
+            init = (m.init_cache(2, 8), jnp.ones((2, 1), jnp.int32), jnp.zeros((2, 3)))
+            return jax.lax.fori_loop(0, 4, body, init)[2]
+
+        outs.append(np.asarray(run(state)))
+    np.testing.assert_array_equal(outs[0], outs[1])

@@ -232,7 +232,10 @@ class TextModel(nnx.Module):
         if cache is not None:
             index = cache.index
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
-        run = nnx.remat(lambda layer, *args: layer(*args)) if self.remat else (lambda layer, *args: layer(*args))
+        # remat only the training forward: a cached call (prefill, decode) is never differentiated, and nnx.remat
+        # inside the sampler's while_loop (the GRPO rollout) would touch the params from another trace level
+        remat = self.remat and cache is None
+        run = nnx.remat(lambda layer, *args: layer(*args)) if remat else (lambda layer, *args: layer(*args))
         x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
