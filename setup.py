@@ -35,6 +35,12 @@ EXTRAS_REQUIRE = {
         "hypothesis==6.155.2",
         "ruff==0.17.6",
     ],
+    # the GRPO benchmark's reference side (TRL's GRPOTrainer); `python -m qponder_jax.bench grpo` skips it without
+    "bench": [
+        "trl==1.16.0",
+        "accelerate==1.15.0",
+        "datasets==5.2.0",
+    ],
 }
 
 setup(

@@ -1,0 +1,99 @@
+"""`decode`: tokens/s of `qponder_jax.sampling.generate` against transformers' `generate` (torch, CPU).
+
+Same random weights (ours saved with `save_hf`, loaded by transformers), the same left-padded batch of image prompts
+(demo tokenizer, one image per prompt), greedy, every sequence run to full length (no stop token). Both sides are
+warmed up, then timed end to end (prefill included; ours with block_until_ready); the median of `--repeats` runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import jax
+import numpy as np
+
+from qponder_jax.benchmarks.common import SIZES, environment, image_prompts, median, random_setup, timed
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt-tokens", type=int, default=64, help="tokens per prompt, image tokens included")
+    parser.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _hf_generate(torch_model, batch, examples, new_tokens: int):
+    """transformers' greedy generate over the same batch; returns the new tokens [B, L] (numpy)."""
+    import torch
+
+    ids = torch.as_tensor(batch.input_ids, dtype=torch.int64)
+    torch_model.model.rope_deltas = None
+    with torch.inference_mode():
+        out = torch_model.generate(
+            input_ids=ids,
+            attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.int64),
+            mm_token_type_ids=(ids == torch_model.config.image_token_id).int(),
+            pixel_values=torch.as_tensor(np.concatenate([ex.pixel_values for ex in examples])),
+            image_grid_thw=torch.as_tensor(np.concatenate([ex.image_grid_thw for ex in examples])),
+            do_sample=False,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+    return out[:, ids.shape[1] :].numpy()
+
+
+def run(args: argparse.Namespace) -> dict:
+    from qponder_jax.sampling import generate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        proc, config, model, torch_model = random_setup(args.size, args.seed, tmp)
+    torch_model.eval()
+    examples, batch = image_prompts(proc, args.batch, args.prompt_tokens, args.image_size, args.seed)
+
+    def ours():
+        out = generate(model, batch, max_new_tokens=args.new_tokens, stop_ids=())
+        return np.asarray(jax.block_until_ready(out.tokens))
+
+    ours_s = timed(ours, args.repeats)
+    ref_s = timed(lambda: _hf_generate(torch_model, batch, examples, args.new_tokens), args.repeats)
+    generated = args.batch * args.new_tokens
+    result = {
+        "what": "decode",
+        "size": args.size,
+        "workload": {
+            "batch": args.batch,
+            "prompt_tokens": int(batch.input_ids.shape[1]),
+            "image_size": args.image_size,
+            "image_tokens": int((batch.input_ids[0] == config.image_token_id).sum()),
+            "new_tokens": args.new_tokens,
+            "sampling": "greedy, no stop token",
+            "repeats": args.repeats,
+        },
+        "ours": {"seconds": median(ours_s), "all_seconds": ours_s},
+        "reference": {"name": "transformers generate (torch, CPU)", "seconds": median(ref_s)},
+        "tokens_equal": float(np.mean(ours() == _hf_generate(torch_model, batch, examples, args.new_tokens))),
+        "environment": environment(),
+    }
+    result["reference"]["all_seconds"] = ref_s
+    for side in ("ours", "reference"):
+        result[side]["tokens_per_s"] = generated / result[side]["seconds"]
+    result["ratio"] = result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
+    return result
+
+
+def show(result: dict) -> None:
+    w = result["workload"]
+    print(
+        f"decode [{result['size']}]: batch {w['batch']}, prompt {w['prompt_tokens']} tokens "
+        f"({w['image_tokens']} image), {w['new_tokens']} new tokens, {w['sampling']}, median of {w['repeats']}"
+    )
+    print(f"{'':<36}{'seconds':>10}{'tokens/s':>12}")
+    for side, name in (("ours", "qponder_jax.sampling.generate"), ("reference", result["reference"]["name"])):
+        print(f"{name:<36}{result[side]['seconds']:>10.3f}{result[side]['tokens_per_s']:>12.1f}")
+    print(f"ratio (ours / reference): {result['ratio']:.2f}x; greedy tokens equal: {result['tokens_equal']:.0%}")

@@ -1,0 +1,320 @@
+"""`memory`: the per-device memory XLA plans for the SFT and GRPO steps of Qwen2.5-VL 3B / 7B on real mesh shapes.
+
+Nothing is allocated: the model is `nnx.eval_shape`d, the train state and batch are ShapeDtypeStructs carrying their
+NamedShardings, and the jitted step is `.lower(...).compile()`d; the figure is the compiled executable's
+`memory_analysis()`: arguments + outputs - aliased (donated) + temporaries, per device. Each mesh size runs in its own
+subprocess with `XLA_FLAGS=--xla_force_host_platform_device_count=N` (simulated CPU devices), so the plan is XLA's CPU
+plan for that SPMD partitioning: the layout (what is sharded, what is saved for the backward pass) is the one a
+GPU/TPU run gets; fusion and scheduling details differ per backend, so treat the figures as +-10%.
+
+Per-layer extrapolation: compiling a 28-36 layer model for 64 devices takes minutes on a CPU, so each case compiles the
+model with (text layers, vision blocks) = (1, 1), (2, 1) and (1, 2) and fits bytes = a + b_text * L_text +
+b_vision * L_vision (exact for parameters, optimizer state and saved activations, which all grow per layer; the
+constant holds embeddings, the LM head, logits and the batch), then evaluates it at the real depths. `--validate`
+also compiles (3, 3) and reports the fit's relative error there.
+
+Workloads follow the `3b` / `7b` variants of configs/qponder_ci.py and configs/qponder.py: fp32 parameters and AdamW
+state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1)); images of 448x448 (1024 patches).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+from qponder_jax.model.config import Qwen25VLConfig, TextConfig, VisionConfig, tiny_config
+
+GIB = 1024**3
+HBM_GIB = (16, 32, 80, 95)
+
+_VISION = VisionConfig(  # the same 675M-parameter ViT in 3B and 7B; only the merger's output width differs
+    depth=32,
+    hidden_size=1280,
+    intermediate_size=3420,
+    num_heads=16,
+    window_size=112,
+    fullatt_block_indexes=(7, 15, 23, 31),
+)
+MODELS: dict[str, Qwen25VLConfig] = {
+    "3b": Qwen25VLConfig(  # Qwen/Qwen2.5-VL-3B-Instruct config.json
+        text=TextConfig(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            rope_theta=1000000.0,
+            mrope_section=(16, 24, 24),
+            max_position_embeddings=128000,
+        ),
+        vision=dataclasses.replace(_VISION, out_hidden_size=2048),
+        tie_word_embeddings=True,
+    ),  # fmt: skip
+    "7b": Qwen25VLConfig(  # Qwen/Qwen2.5-VL-7B-Instruct config.json
+        text=TextConfig(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rope_theta=1000000.0,
+            mrope_section=(16, 24, 24),
+            max_position_embeddings=128000,
+        ),
+        vision=dataclasses.replace(_VISION, out_hidden_size=3584),
+        tie_word_embeddings=False,
+    ),  # fmt: skip
+    "tiny": tiny_config(),  # smoke tests
+}
+# SFT: configs/qponder_ci.py (global batch 64, up to 1024 tokens, 1024 patches; grad_accum 2 on 7b); the batch grows
+# to one sequence per device per micro-batch when the mesh is larger (a micro-batch must split over the devices).
+SFT = {"batch": 64, "tokens": 1024, "patches": 1024, "grad_accum": {"3b": 1, "7b": 2, "tiny": 1}}
+# GRPO: configs/qponder.py (64 prompts of 512 tokens x G 8, 512 new tokens, minibatches 2 / 4, beta 0.001).
+GRPO = {"prompts": 64, "tokens": 512, "patches": 1024, "generations": 8, "new_tokens": 512,
+        "minibatches": {"3b": 2, "7b": 4, "tiny": 2}, "beta": 0.001}  # fmt: skip
+FIT_POINTS = ((1, 1), (2, 1), (1, 2))
+VALIDATE_POINT = (3, 3)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", default="7b", help=f"comma-separated, of {sorted(MODELS)} (default: ~4 min)")
+    parser.add_argument("--steps", default="sft,grpo", help="comma-separated, of sft, grpo")
+    parser.add_argument("--devices", default="64", help="comma-separated mesh sizes N (mesh (1, N, 1), FSDP)")
+    parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
+    parser.add_argument("--validate", action="store_true", help="also compile (3, 3) layers and report the fit error")
+    parser.add_argument("--direct", action="store_true", help="compile the full depth, no extrapolation (slow)")
+    parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
+
+
+def reduced(config: Qwen25VLConfig, text_layers: int, vision_blocks: int) -> Qwen25VLConfig:
+    """The same widths with fewer text layers and vision blocks (the last vision block does full attention)."""
+    vision = dataclasses.replace(config.vision, depth=vision_blocks, fullatt_block_indexes=(vision_blocks - 1,))
+    return config.replace(text=dataclasses.replace(config.text, num_hidden_layers=text_layers), vision=vision)
+
+
+def _workloads(scale: float) -> tuple[dict, dict]:
+    s = lambda n, q=1: max(q, int(n * scale) // q * q)
+    sft = dict(SFT, tokens=s(SFT["tokens"], 8), patches=s(SFT["patches"], 4))
+    grpo = dict(GRPO, tokens=s(GRPO["tokens"], 8), patches=s(GRPO["patches"], 4), new_tokens=s(GRPO["new_tokens"]))
+    return sft, grpo
+
+
+# ---- the worker: runs in a subprocess with N simulated devices ----
+
+
+def _abstract_batch(config: Qwen25VLConfig, b: int, t: int, p: int, mesh):
+    import jax
+    import jax.numpy as jnp
+
+    from qponder_jax.data.batch import Batch
+    from qponder_jax.train.sft import batch_shardings
+
+    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    i32, dim = jnp.int32, config.vision.patch_dim
+    batch = Batch(
+        input_ids=sds((b, t), i32), attention_mask=sds((b, t), jnp.bool_), position_ids=sds((3, b, t), i32),
+        rope_deltas=sds((b,), i32), loss_mask=sds((b, t), jnp.bool_), pixel_values=sds((b, p, dim), jnp.float32),
+        image_grid_thw=sds((b, 1, 3), i32), vision_pos_ids=sds((b, p, 2), i32), window_index=sds((b, p), i32),
+        window_segment_ids=sds((b, p), i32), full_segment_ids=sds((b, p), i32), image_feature_index=sds((b, t), i32),
+    )  # fmt: skip
+    shards = batch_shardings(batch, mesh)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, shards), shards
+
+
+def _planned_bytes(model_name: str, config: Qwen25VLConfig, step: str, mesh, sft: dict, grpo: dict) -> dict:
+    """Compile one step for `config` on `mesh` (all abstract) and return its per-device memory analysis."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from qponder_jax.model.qwen2_5_vl import Qwen25VL
+    from qponder_jax.train import optim
+    from qponder_jax.train import state as state_lib
+
+    remat = step == "sft"  # GRPO: remat inside the sampler's while_loop raises a flax TraceContextError (see docs)
+    make = lambda: Qwen25VL(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
+    abstract_model = nnx.eval_shape(make)
+    graphdef, params, rest = state_lib.split_model(abstract_model)
+    labels = jax.tree.map(lambda _: optim.TRAIN, params)
+    tx = optim.adamw(labels, learning_rate=1e-6, clip_norm=1.0)
+    abstract = state_lib.abstract_train_state(params, tx, state_lib.param_shardings(abstract_model, mesh), mesh)
+    shards = state_lib.shardings_of(abstract)
+    rep = NamedSharding(mesh, PartitionSpec())
+    if step == "sft":
+        from qponder_jax.train.sft import SFTStep
+
+        fn = SFTStep(
+            graphdef, rest, tx, optax.constant_schedule(1e-6), labels, grad_accum=sft["grad_accum"][model_name]
+        )
+        rows = max(sft["batch"], mesh.size * sft["grad_accum"][model_name])
+        batch, batch_shards = _abstract_batch(config, rows, sft["tokens"], sft["patches"], mesh)
+        jitted = jax.jit(
+            fn.__call__, in_shardings=(shards, batch_shards), out_shardings=(shards, rep), donate_argnums=0
+        )
+        args = (abstract, batch)
+    else:
+        from qponder_jax.train import grpo as grpo_lib
+        from qponder_jax.train.grpo_loss import LossConfig
+
+        settings = grpo_lib.GRPOSettings(
+            num_generations=grpo["generations"], max_new_tokens=grpo["new_tokens"],
+            num_minibatches=grpo["minibatches"][model_name], loss=LossConfig(beta=grpo["beta"]),
+        )  # fmt: skip
+        fn = grpo_lib.GRPOStep(graphdef, rest, tx, optax.constant_schedule(1e-6), labels, settings)
+        batch, batch_shards = _abstract_batch(config, grpo["prompts"], grpo["tokens"], grpo["patches"], mesh)
+        mos = jax.ShapeDtypeStruct((grpo["prompts"],), jnp.float32, sharding=batch_shards.rope_deltas)
+        parser = _abstract_parser(config.text.vocab_size, rep)
+        parser_shards = jax.tree.map(lambda x: x.sharding, parser)
+        jitted = jax.jit(
+            fn.__call__,
+            in_shardings=(shards, batch_shards, batch_shards.rope_deltas, parser_shards, shards.params),
+            out_shardings=(shards, rep),
+            donate_argnums=0,
+        )
+        args = (abstract, batch, mos, parser, abstract.params)
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = jitted.lower(*args).compile()
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    return {
+        "total": int(total),
+        "arguments": int(m.argument_size_in_bytes),
+        "temporaries": int(m.temp_size_in_bytes),
+        "compile_s": time.perf_counter() - start,
+    }
+
+
+_PARSER_CACHE: dict = {}
+
+
+def _abstract_parser(vocab_size: int, rep):
+    """The parser tables' shapes for the demo tokenizer padded to `vocab_size` (built once, then abstract)."""
+    import tempfile
+
+    import jax
+
+    if vocab_size not in _PARSER_CACHE:
+        from transformers import AutoTokenizer
+
+        from qponder_jax.data.tokenizer import build_demo_tokenizer
+        from qponder_jax.rewards.parse import build_parser
+
+        with tempfile.TemporaryDirectory() as tmp:
+            tok = AutoTokenizer.from_pretrained(str(build_demo_tokenizer(tmp + "/tok")))
+        parser = build_parser(tok, max_numbers=5, vocab_size=vocab_size, check=0)
+        _PARSER_CACHE[vocab_size] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), parser)
+    return _PARSER_CACHE[vocab_size]
+
+
+def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_blocks: int) -> float:
+    """bytes = a + b_text * L_text + b_vision * L_vision through the three FIT_POINTS, evaluated at the real depths."""
+    (l1, v1), (l2, _), (_, v3) = FIT_POINTS
+    base = points[(l1, v1)]
+    b_text = (points[(l2, v1)] - base) / (l2 - l1)
+    b_vision = (points[(l1, v3)] - base) / (v3 - v1)
+    return base + b_text * (text_layers - l1) + b_vision * (vision_blocks - v1)
+
+
+def worker(args: argparse.Namespace) -> list[dict]:
+    """All (model, step) cases on a (1, N, 1) mesh of this process's N simulated devices."""
+    from qponder_jax.model import sharding
+
+    n = args.worker
+    mesh = sharding.make_mesh((1, n, 1))
+    sft, grpo = _workloads(args.scale)
+    out = []
+    for name in args.models.split(","):
+        config = MODELS[name]
+        full = (config.text.num_hidden_layers, config.vision.depth)
+        for step in args.steps.split(","):
+            case = {"model": name, "step": step, "devices": n, "mesh": [1, n, 1], "layers": list(full)}
+            if args.direct:
+                direct = _planned_bytes(name, config, step, mesh, sft, grpo)
+                case.update(bytes=direct["total"], method="direct", compile_s=direct["compile_s"])
+            else:
+                plans = {p: _planned_bytes(name, reduced(config, *p), step, mesh, sft, grpo) for p in FIT_POINTS}
+                totals = {p: float(v["total"]) for p, v in plans.items()}
+                case.update(
+                    bytes=fit_layers(totals, *full),
+                    method="per-layer fit",
+                    fit_points={f"{p[0]}x{p[1]}": v for p, v in totals.items()},
+                    compile_s=sum(v["compile_s"] for v in plans.values()),
+                )
+                if args.validate:
+                    got = _planned_bytes(name, reduced(config, *VALIDATE_POINT), step, mesh, sft, grpo)["total"]
+                    want = fit_layers(totals, *VALIDATE_POINT)
+                    case["validation"] = {"layers": list(VALIDATE_POINT), "compiled": got, "fit": want,
+                                          "relative_error": abs(want - got) / got}  # fmt: skip
+            case["gib"] = case["bytes"] / GIB
+            case["fits"] = {str(h): case["gib"] <= h for h in HBM_GIB}
+            print(json.dumps(case), flush=True)
+            out.append(case)
+    return out
+
+
+def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    env = dict(
+        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
+    )
+    cmd = [sys.executable, "-m", "qponder_jax.bench", "memory", "--worker", str(n), "--models", args.models]
+    cmd += ["--steps", args.steps, "--scale", str(args.scale)]
+    cmd += ["--validate"] * args.validate + ["--direct"] * args.direct
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"memory worker for {n} devices failed:\n{proc.stderr[-4000:]}")
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.worker:
+        return {"what": "memory-worker", "cases": worker(args)}
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        raise ValueError(f"memory: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
+    start = time.perf_counter()
+    cases = [c for n in map(int, args.devices.split(",")) for c in _spawn(args, n)]
+    sft, grpo = _workloads(args.scale)
+    return {
+        "what": "memory",
+        "size": None,
+        "workload": {
+            "sft": sft,
+            "grpo": grpo,
+            "dtype": "fp32 params + AdamW, bf16 compute, remat",
+            "scale": args.scale,
+        },
+        "hbm_gib": list(HBM_GIB),
+        "cases": cases,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def show(result: dict) -> None:
+    if result["what"] == "memory-worker":
+        return
+    w = result["workload"]
+    print(
+        f"memory: XLA-planned bytes per device, {w['dtype']}; SFT batch {w['sft']['batch']} x {w['sft']['tokens']} "
+        f"tokens; GRPO {w['grpo']['prompts']} prompts x G {w['grpo']['generations']}, {w['grpo']['tokens']} + "
+        f"{w['grpo']['new_tokens']} tokens; {w['sft']['patches']} patches per image"
+    )
+    hbm = "".join(f"{str(h) + ' GiB':>9}" for h in result["hbm_gib"])
+    print(f"{'model':<7}{'step':<6}{'mesh':<12}{'GiB/device':>11}{hbm}  method")
+    for c in result["cases"]:
+        fits = "".join(f"{'fits' if c['fits'][str(h)] else 'no':>9}" for h in result["hbm_gib"])
+        mesh = "x".join(map(str, c["mesh"]))
+        note = c["method"]
+        if "validation" in c:
+            note += f" (error at {c['validation']['layers']}: {c['validation']['relative_error']:.1%})"
+        print(f"{c['model']:<7}{c['step']:<6}{mesh:<12}{c['gib']:>11.2f}{fits}  {note}")
