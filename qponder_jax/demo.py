@@ -152,12 +152,11 @@ def dct_patch_kernel(patch_dim_shape: tuple[int, int, int, int], hidden: int) ->
 def build_demo_model(out_dir: Path, *, seed: int, sizes, patch_init: str = "random") -> Path:
     """The demo tokenizer + a random Qwen2.5-VL of the config's sizes as an HF folder (reused when complete)."""
     import jax.numpy as jnp
-    from tokenizers import Tokenizer
 
-    from qponder_jax.data.tokenizer import build_demo_tokenizer, special_token_ids
+    from qponder_jax.data.tokenizer import build_demo_tokenizer
+    from qponder_jax.embedded import demo_model_config
     from qponder_jax.export import is_hf_folder
     from qponder_jax.hf import save_hf
-    from qponder_jax.model.config import tiny_config
     from qponder_jax.model.qwen2_5_vl import create_model
 
     if is_hf_folder(out_dir):
@@ -165,22 +164,16 @@ def build_demo_model(out_dir: Path, *, seed: int, sizes, patch_init: str = "rand
     if patch_init not in ("random", "dct"):
         raise ValueError(f"config field model.patch_init={patch_init!r}: choose 'random' or 'dct'")
     tok_dir = build_demo_tokenizer(out_dir.parent / "tokenizer")
-    ids = special_token_ids(Tokenizer.from_file(str(tok_dir / "tokenizer.json")))
     hidden, heads = int(sizes.hidden_size), 4
     half = hidden // heads // 2  # M-RoPE splits half the head dim over (t, h, w)
     section = (half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8)
-    config = tiny_config(
-        vocab_size=ids["vocab_size"], eos_token_id=ids["im_end_id"], pad_token_id=ids["endoftext_id"],
-        hidden_size=hidden, intermediate_size=int(sizes.intermediate_size), num_hidden_layers=int(sizes.num_layers),
-        num_attention_heads=heads, num_key_value_heads=2, mrope_section=section,
-    )  # fmt: skip
-    vision = dataclasses.replace(
-        config.vision, hidden_size=int(sizes.vision_hidden_size), intermediate_size=2 * int(sizes.vision_hidden_size),
-        depth=int(sizes.vision_depth), out_hidden_size=hidden, fullatt_block_indexes=(int(sizes.vision_depth) - 1,),
-    )  # fmt: skip
-    config = config.replace(
-        vision=vision, image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"],
+    vision_hidden, depth = int(sizes.vision_hidden_size), int(sizes.vision_depth)
+    config = demo_model_config(
+        tok_dir, hidden_size=hidden, intermediate_size=int(sizes.intermediate_size),
+        num_hidden_layers=int(sizes.num_layers), num_attention_heads=heads, num_key_value_heads=2,
+        mrope_section=section,
+        vision=dict(hidden_size=vision_hidden, intermediate_size=2 * vision_hidden, depth=depth,
+                    fullatt_block_indexes=(depth - 1,)),
     )  # fmt: skip
     model = create_model(config, rngs_seed=seed)
     if patch_init == "dct":

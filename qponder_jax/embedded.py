@@ -8,6 +8,7 @@ missing.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -42,8 +43,28 @@ def build_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def demo_model_config(tokenizer_dir: str | Path, *, vision: Mapping | None = None, **text) -> Qwen25VLConfig:
+    """`tiny_config` bound to the demo tokenizer in `tokenizer_dir` (its vocab, eos/pad and vision token ids);
+    `text` overrides TextConfig fields and `vision` VisionConfig fields."""
+    from tokenizers import Tokenizer
+
+    from qponder_jax.data.tokenizer import special_token_ids
+
+    ids = special_token_ids(Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")))
+    config = tiny_config(
+        vocab_size=ids["vocab_size"], eos_token_id=ids["im_end_id"], pad_token_id=ids["endoftext_id"], **text
+    )
+    return config.replace(
+        vision=dataclasses.replace(config.vision, out_hidden_size=config.text.hidden_size, **(vision or {})),
+        image_token_id=ids["image_token_id"],
+        video_token_id=ids["video_token_id"],
+        vision_start_token_id=ids["vision_start_token_id"],
+        vision_end_token_id=ids["vision_end_token_id"],
+    )
+
+
 def _build_tiny_model(out: Path, seed: int) -> None:
-    from qponder_jax.data.tokenizer import build_demo_tokenizer, special_token_ids
+    from qponder_jax.data.tokenizer import build_demo_tokenizer
     from qponder_jax.hf import save_hf
     from qponder_jax.model.qwen2_5_vl import create_model
 
@@ -52,17 +73,7 @@ def _build_tiny_model(out: Path, seed: int) -> None:
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     tok_dir = build_demo_tokenizer(staging / "tokenizer")
-    from tokenizers import Tokenizer
-
-    ids = special_token_ids(Tokenizer.from_file(str(tok_dir / "tokenizer.json")))
-    config = tiny_config(
-        vocab_size=ids["vocab_size"], eos_token_id=ids["im_end_id"], pad_token_id=ids["endoftext_id"]
-    ).replace(
-        image_token_id=ids["image_token_id"],
-        video_token_id=ids["video_token_id"],
-        vision_start_token_id=ids["vision_start_token_id"],
-        vision_end_token_id=ids["vision_end_token_id"],
-    )
+    config = demo_model_config(tok_dir)
     model = create_model(config, rngs_seed=seed)
     save_hf(model, config, staging / "hf", tokenizer_dir=tok_dir)
     shutil.rmtree(out, ignore_errors=True)
