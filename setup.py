@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "matplotlib==3.11.2",
     "tqdm==4.70.1",
+    "av==18.1.0",
 ]
 
 EXTRAS_REQUIRE = {
