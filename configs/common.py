@@ -39,6 +39,7 @@ def cold_start_data(*, source: str = "synthetic", batch_size: int = 8) -> ml_col
     c.synthetic_seed = 0  # seed of the synthetic images and distortions
     c.synthetic_min_side = 56  # smallest synthetic image side in pixels
     c.synthetic_max_side = 84  # largest synthetic image side in pixels
+    c.synthetic_distortions = ""  # comma-separated synthetic distortions ("" = all: see data/datasets/synthetic.py)
     c.prompt = "qponder"  # prompt name in qponder_jax/prompts.py for the synthetic records
     c.batch_size = batch_size  # global batch size (all devices, all accumulation micro-batches)
     c.eval_batch_size = batch_size  # global batch size of the eval loss

@@ -49,6 +49,7 @@ def get_config(arg: str | None = None):
     d.test_size = 256  # synthetic test images (the table)
     d.min_side = 56  # smallest image side in pixels (56 px = 4 image tokens)
     d.max_side = 84  # largest image side in pixels (84 px = 9 image tokens)
+    d.distortions = ""  # comma-separated synthetic distortions ("" = all: see data/datasets/synthetic.py)
     d.prompt_text = DEMO_PROMPT  # the user prompt of every stage
     d.response_style = "short"  # teacher response: "short" (`<think>blur, strong; quality poor</think>...`) or "long"
 

@@ -47,6 +47,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
     c.synthetic_seed = 0  # seed of the synthetic images and distortions
     c.synthetic_min_side = 56  # smallest synthetic image side in pixels
     c.synthetic_max_side = 84  # largest synthetic image side in pixels
+    c.synthetic_distortions = ""  # comma-separated synthetic distortions ("" = all: see data/datasets/synthetic.py)
     c.prompt = "qponder"  # prompt name in qponder_jax/prompts.py (use the one the cold start trained on)
     c.prompt_text = ""  # a custom user prompt instead of `prompt` ("" = use `prompt`)
     c.batch_size = 8  # prompts per GRPO step (global, over all devices); each gets grpo.num_generations rollouts

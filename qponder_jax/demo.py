@@ -186,12 +186,14 @@ def build_demo_model(out_dir: Path, *, seed: int, sizes, patch_init: str = "rand
     return out_dir
 
 
-def write_synthetic_split(where: Path, split: str, size: int, *, seed: int, min_side: int, max_side: int) -> Path:
+def write_synthetic_split(
+    where: Path, split: str, size: int, *, seed: int, min_side: int, max_side: int, distortions: str = ""
+) -> Path:
     """Renders `size` records of the synthetic IQA split as PNGs in `<where>/<split>/` and an index
     `<where>/<split>.jsonl` (image, MOS, distortion type and level). Returns the index."""
     from qponder_jax.data.datasets.synthetic import SyntheticIQA
 
-    source = SyntheticIQA(split, size, seed=seed, min_side=min_side, max_side=max_side)
+    source = SyntheticIQA(split, size, seed=seed, min_side=min_side, max_side=max_side, distortions=distortions)
     (where / split).mkdir(parents=True, exist_ok=True)
     index = where / f"{split}.jsonl"
     with open(index.with_suffix(".partial"), "w") as f:
@@ -249,10 +251,8 @@ def _model_stage(config, where: Path, _) -> dict:
 def _data_stage(config, where: Path, _) -> dict:
     d = config.data
     sizes = {"train": d.train_size, "validation": d.validation_size, "test": d.test_size}
-    files = {
-        split: str(write_synthetic_split(where, split, n, seed=config.seed, min_side=d.min_side, max_side=d.max_side))
-        for split, n in sizes.items()
-    }
+    kw = dict(seed=config.seed, min_side=d.min_side, max_side=d.max_side, distortions=d.distortions)
+    files = {split: str(write_synthetic_split(where, split, n, **kw)) for split, n in sizes.items()}
     return {"splits": files, "sizes": sizes}
 
 
@@ -303,6 +303,7 @@ def _grpo_stage(config, where: Path, outputs) -> dict:
     g, d = config.grpo, config.data
     c.data.batch_size, c.data.synthetic_size, c.data.synthetic_seed = g.batch_size, d.train_size, config.seed
     c.data.synthetic_min_side, c.data.synthetic_max_side = d.min_side, d.max_side
+    c.data.synthetic_distortions = d.distortions
     c.data.prompt_text, c.data.max_pixels, c.data.token_buckets = d.prompt_text, d.max_side**2, (48, 64, 96)
     c.data.seed = config.seed
     c.grpo.num_generations, c.grpo.max_new_tokens = g.num_generations, g.max_new_tokens
@@ -334,6 +335,7 @@ def _eval_stage(config, where: Path, outputs) -> dict:
             c.data.batch_size, c.data.max_images, c.data.synthetic_size = e.batch_size, d.test_size, d.test_size
             c.data.synthetic_seed = config.seed
             c.data.synthetic_min_side, c.data.synthetic_max_side = d.min_side, d.max_side
+            c.data.synthetic_distortions = d.distortions
             c.data.max_pixels, c.data.token_buckets = d.max_side**2, (48, 64, 96)
             c.score.prompt_text, c.score.max_new_tokens = d.prompt_text, e.max_new_tokens
             c.lock()

@@ -298,6 +298,7 @@ def open_source(spec: str, data: Mapping):
             seed=int(data["synthetic_seed"]),
             min_side=int(data["synthetic_min_side"]),
             max_side=int(data["synthetic_max_side"]),
+            distortions=str(data.get("synthetic_distortions", "")),
         )
     if not data["data_dir"]:
         raise ConfigError(

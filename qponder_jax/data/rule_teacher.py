@@ -17,7 +17,7 @@ from pathlib import Path
 
 from qponder_jax import distributed, prompts
 from qponder_jax.data.datasets.cold_start import ColdStartRecord, ColdStartWriter
-from qponder_jax.data.datasets.synthetic import SyntheticIQA
+from qponder_jax.data.datasets.synthetic import SyntheticIQA, parse_distortions
 
 SEVERITY = ("very slight", "slight", "moderate", "strong", "severe")  # distortion level 1..5
 
@@ -79,6 +79,7 @@ def write_synthetic_cold_start(
     prompt_name: str = "qponder",
     min_side: int = 56,
     max_side: int = 112,
+    distortions: str = "",
 ) -> Path:
     """Writes `size` synthetic records of `split` as `<out_dir>/<split>.jsonl` plus PNGs in `<out_dir>/<split>/`.
 
@@ -87,6 +88,8 @@ def write_synthetic_cold_start(
     """
     out = Path(out_dir)
     settings = dict(split=split, size=size, seed=seed, prompt_name=prompt_name, min_side=min_side, max_side=max_side)
+    if distortions:  # only when set, so folders written before this field existed are still reused
+        settings["distortions"] = ",".join(parse_distortions(distortions))
     distributed.run_once(lambda: _write(out, settings), name=f"synthetic_cold_start:{out}:{split}")
     return out / f"{split}.jsonl"
 
@@ -98,7 +101,12 @@ def _write(out: Path, settings: dict) -> None:
     if jsonl.is_file() and manifest.is_file() and json.loads(manifest.read_text()) == settings:
         return
     source = SyntheticIQA(
-        split, settings["size"], seed=settings["seed"], min_side=settings["min_side"], max_side=settings["max_side"]
+        split,
+        settings["size"],
+        seed=settings["seed"],
+        min_side=settings["min_side"],
+        max_side=settings["max_side"],
+        distortions=settings.get("distortions", ""),
     )
     prompt = prompts.prompt_text(settings["prompt_name"])
     images = out / split

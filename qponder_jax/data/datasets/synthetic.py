@@ -168,6 +168,18 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.round(image * 255.0), 0, 255).astype(np.uint8)
 
 
+def parse_distortions(spec: str | Sequence[str]) -> tuple[str, ...]:
+    """A distortion list from a config field: comma-separated names ("" = all of DISTORTIONS), or a sequence."""
+    names = [n.strip() for n in spec.split(",")] if isinstance(spec, str) else [str(n).strip() for n in spec]
+    names = [n for n in names if n]
+    if not names:
+        return DISTORTIONS
+    unknown = [n for n in names if n not in DISTORTIONS]
+    if unknown:
+        raise ValueError(f"unknown synthetic distortions {unknown}; known: {', '.join(DISTORTIONS)}")
+    return tuple(dict.fromkeys(names))
+
+
 # ---- the source ------------------------------------------------------------------------------------------
 
 
@@ -182,20 +194,17 @@ class SyntheticIQA:
         seed: int = 0,
         min_side: int = 56,
         max_side: int = 112,
-        distortions: Sequence[str] = DISTORTIONS,
+        distortions: str | Sequence[str] = DISTORTIONS,
     ):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {list(SPLITS)}")
-        unknown = [d for d in distortions if d not in DISTORTIONS]
-        if unknown or not distortions:
-            raise ValueError(f"unknown distortions {unknown}; known: {DISTORTIONS}")
         if not 8 <= min_side <= max_side:
             raise ValueError(f"need 8 <= min_side <= max_side, got {min_side}, {max_side}")
         self.split = split
         self.size = DEFAULT_SIZES[split] if size is None else int(size)
         self.seed = int(seed)
         self.min_side, self.max_side = int(min_side), int(max_side)
-        self.distortions = tuple(distortions)
+        self.distortions = parse_distortions(distortions)
 
     def __len__(self) -> int:
         return self.size
