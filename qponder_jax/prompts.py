@@ -1,4 +1,4 @@
-"""Every prompt template, in one place, and the helper that builds a chat `messages` list for one image.
+"""Every prompt template, in one place, and the helpers that build a chat `messages` list for one image or video.
 
 The Q-Ponder paper's exact prompts are not public; `QPONDER` and `TEACHER` are ours. The VisualQuality-R1 and
 PreResQ-R1 questions and the think/answer instruction are the wording of those projects (github
@@ -86,4 +86,14 @@ def image_messages(
     messages.append({"role": "user", "content": content})
     if response is not None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": response}]})
+    return messages
+
+
+def video_messages(
+    text: str, *, response: str | None = None, system: str | None = None, num_images: int = 0
+) -> list[dict[str, Any]]:
+    """HF chat `messages` for one user turn (one video, then `num_images` images, e.g. high-res crops, then `text`)
+    and an optional assistant reply. `Processor.encode(messages, images, videos=[clip])` fills them in order."""
+    messages = image_messages(text, response=response, system=system, num_images=num_images)
+    messages[-1 if response is None else -2]["content"].insert(0, {"type": "video"})
     return messages

@@ -1,14 +1,17 @@
-"""`Processor`: chat messages + PIL images -> token ids, loss mask, M-RoPE positions, patches; bucketed collate.
+"""`Processor`: chat messages + PIL images + video clips -> token ids, loss mask, M-RoPE positions, patches;
+bucketed collate.
 
-    proc = Processor.from_pretrained(path)                   # tokenizer, chat template, preprocessor config
-    ex = proc.encode(messages, images, add_generation_prompt=False)   # one unpadded `Example`
+    proc = Processor.from_pretrained(path)                   # tokenizer, chat template, preprocessor configs
+    ex = proc.encode(messages, images, add_generation_prompt=False, videos=[clip])   # one unpadded `Example`
     batch = proc.collate([ex, ...], padding_side="right")    # a `Batch` padded to bucket sizes
 
-Tokens: the chat template renders the messages (one `<|image_pad|>` per image), the tokenizer encodes the text,
-and each image's `<|image_pad|>` is repeated to its merged patch count `t * h * w / merge**2`, exactly what
-transformers' Qwen2.5-VL processor produces.
+Tokens: the chat template renders the messages (one `<|image_pad|>` per image, one `<|video_pad|>` per video), the
+tokenizer encodes the text, and each placeholder is repeated to its merged patch count `t * h * w / merge**2`,
+exactly what transformers' Qwen2.5-VL processor produces. Videos get M-RoPE temporal positions spaced by
+`tokens_per_second * second_per_grid_t`. Images and videos share the vision slots of a sample: their patch rows,
+grids and features are in order of appearance in the text.
 
-Loss mask rule: a token is a training target iff its characters overlap an assistant span and it is not an image
+Loss mask rule: a token is a training target iff its characters overlap an assistant span and it is not a vision
 token (the overlap rule of transformers' `return_assistant_tokens_mask`). The span of assistant message k runs
 from the end of the rendering of `messages[:k]` + generation prompt (just after `<|im_start|>assistant\\n`) to
 the end of the last `<|im_end|>` in the rendering of `messages[:k+1]`: the assistant content and its closing
@@ -28,6 +31,8 @@ import numpy as np
 from qponder_jax.data.batch import Batch
 from qponder_jax.data.image import ImageConfig, preprocess_image
 from qponder_jax.data.mrope import rope_index
+from qponder_jax.data.video import VideoClip
+from qponder_jax.data.video_frames import VideoConfig, preprocess_video
 from qponder_jax.model.vision_layout import sample_layout
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
@@ -41,7 +46,7 @@ class Buckets:
 
     tokens: tuple[int, ...] = (128, 256, 512, 1024, 2048, 4096, 8192, 16384)  # T
     patches: tuple[int, ...] = (0, 256, 1024, 4096, 16384)  # P, patch rows per sample (multiples of merge**2)
-    images: tuple[int, ...] = (0, 1, 2, 4, 8)  # M, image slots per sample
+    images: tuple[int, ...] = (0, 1, 2, 4, 8)  # M, vision slots (images + videos) per sample
 
     def pick(self, axis: str, needed: int) -> int:
         """The smallest bucket of `axis` holding `needed`; raises if none does."""
@@ -54,15 +59,17 @@ class Buckets:
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One encoded conversation, unpadded."""
+    """One encoded conversation, unpadded. Its images and videos fill S vision slots, in text order."""
 
     input_ids: np.ndarray  # [T] int32
     loss_mask: np.ndarray  # [T] bool, True on assistant content + its <|im_end|>
     position_ids: np.ndarray  # [3, T] int32, M-RoPE
     rope_delta: int  # max position + 1 - T
-    pixel_values: np.ndarray  # [n_patch, D_patch] float32, processor order
-    image_grid_thw: np.ndarray  # [N, 3] int32
-    image_token_counts: np.ndarray  # [N] int32, <|image_pad|> tokens per image
+    pixel_values: np.ndarray  # [n_patch, D_patch] float32, processor order, slot after slot
+    vision_grid_thw: np.ndarray  # [S, 3] int32, the (t, h, w) patch grid of each slot
+    vision_token_counts: np.ndarray  # [S] int32, <|image_pad|> / <|video_pad|> tokens per slot
+    slot_is_video: np.ndarray  # [S] bool
+    second_per_grid_ts: np.ndarray  # [V] float32, seconds per temporal patch of each video
     example_id: str = ""  # names the record in error messages
 
     def __len__(self) -> int:
@@ -71,6 +78,25 @@ class Example:
     @property
     def num_patches(self) -> int:
         return int(self.pixel_values.shape[0])
+
+    @property
+    def image_grid_thw(self) -> np.ndarray:
+        """[N, 3] int32: the images' grids (transformers' `image_grid_thw`)."""
+        return self.vision_grid_thw[~self.slot_is_video]
+
+    @property
+    def image_token_counts(self) -> np.ndarray:
+        return self.vision_token_counts[~self.slot_is_video]  # [N]
+
+    @property
+    def video_grid_thw(self) -> np.ndarray:
+        """[V, 3] int32: the videos' grids (transformers' `video_grid_thw`)."""
+        return self.vision_grid_thw[self.slot_is_video]
+
+    def split_pixel_values(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image patch rows, video patch rows): transformers' `pixel_values` and `pixel_values_videos`."""
+        rows = np.repeat(self.slot_is_video, np.prod(self.vision_grid_thw, axis=1))  # [n_patch] True on video rows
+        return self.pixel_values[~rows], self.pixel_values[rows]
 
 
 class Processor:
@@ -84,12 +110,22 @@ class Processor:
         *,
         window_size: int = 112,
         truncation: bool = False,
+        video_config: VideoConfig | None = None,
+        tokens_per_second: int = 2,
     ):
         self.tokenizer = tokenizer
         self.image_config = image_config or ImageConfig()
+        self.video_config = video_config or VideoConfig()
         self.buckets = buckets or Buckets()
         self.window_size = window_size
-        self.truncation = truncation  # cut too-long examples (never inside an image) instead of raising
+        self.truncation = truncation  # cut too-long examples (never inside an image or video) instead of raising
+        self.tokens_per_second = tokens_per_second  # M-RoPE temporal positions per second of video
+        geometry = lambda c: (c.patch_size, c.temporal_patch_size, c.merge_size)
+        if geometry(self.image_config) != geometry(self.video_config):
+            raise ValueError(
+                f"image and video processor configs disagree on (patch_size, temporal_patch_size, merge_size): "
+                f"{geometry(self.image_config)} vs {geometry(self.video_config)}"
+            )
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template (tokenizer_config.json or chat_template.jinja)")
         self.image_token_id = self._token_id(IMAGE_TOKEN, required=True)
@@ -99,6 +135,7 @@ class Processor:
         self.end_of_turn_id = self._token_id(END_OF_TURN, required=True)
         pad = tokenizer.pad_token_id
         self.pad_token_id = int(pad) if pad is not None else self._token_id("<|endoftext|>", required=True)
+        self.vision_token_ids = tuple(i for i in (self.image_token_id, self.video_token_id) if i is not None)
 
     def _token_id(self, token: str, *, required: bool) -> int | None:
         token_id = self.tokenizer.convert_tokens_to_ids(token)
@@ -110,7 +147,9 @@ class Processor:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, **kwargs) -> Processor:
-        """Loads tokenizer.json, the chat template and preprocessor_config.json (and config.json, if present)."""
+        """Loads tokenizer.json, the chat template, preprocessor_config.json and, if present, the video processor
+        config (processor_config.json's "video_processor", else video_preprocessor_config.json; defaults otherwise,
+        with the image config's patch geometry) and config.json (window size, tokens_per_second, token ids)."""
         from transformers import AutoTokenizer
 
         path = Path(path)
@@ -126,19 +165,23 @@ class Processor:
         if not pre_path.is_file():
             raise FileNotFoundError(f"no preprocessor_config.json in {path}")
         image_config = ImageConfig.from_dict(_read_json(pre_path), source=str(pre_path))
+        kwargs.setdefault("video_config", _video_config(path, image_config))
         model_config = None
         if (path / "config.json").is_file():
             from qponder_jax.model.config import Qwen25VLConfig
 
             model_config = Qwen25VLConfig.from_json_file(path / "config.json")
             kwargs.setdefault("window_size", model_config.vision.window_size)
+            kwargs.setdefault("tokens_per_second", model_config.vision.tokens_per_second)
             if (model_config.vision.patch_size, model_config.vision.spatial_merge_size) != (
                 image_config.patch_size,
                 image_config.merge_size,
             ):
                 raise ValueError(f"{path}: config.json patch/merge sizes differ from preprocessor_config.json")
         proc = cls(tokenizer, image_config, **kwargs)
-        for field in ("image_token_id", "vision_start_token_id", "vision_end_token_id"):
+        for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+            if field == "video_token_id" and proc.video_token_id is None:
+                continue
             if model_config is not None and getattr(model_config, field) != getattr(proc, field):
                 raise ValueError(
                     f"{path}: config.json {field}={getattr(model_config, field)} but the tokenizer has "
@@ -179,50 +222,69 @@ class Processor:
         images: Sequence[Any] | None = None,
         add_generation_prompt: bool = False,
         *,
+        videos: Sequence[VideoClip] | None = None,
         example_id: str = "",
     ) -> Example:
-        """Encodes one conversation; `images` fill the {"type": "image"} entries in order."""
-        images = list(images or [])
+        """Encodes one conversation; `images` (PIL) and `videos` (`VideoClip`) fill the {"type": "image"} and
+        {"type": "video"} entries in order."""
+        images, videos = list(images or []), list(videos or [])
         where = f"example {example_id!r}: " if example_id else ""
         text = self.render(messages, add_generation_prompt)
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], np.int32)  # [T0], one <|image_pad|> per image
+        ids = np.asarray(enc["input_ids"], np.int32)  # [T0], one placeholder per image / video
         offsets = np.asarray(enc["offset_mapping"], np.int64).reshape(-1, 2)  # [T0, 2] character span of each token
         target = np.zeros(ids.shape, bool)
         for begin, end in self._assistant_spans(messages, text):
             target |= (offsets[:, 1] > begin) & (offsets[:, 0] < end)
 
-        is_image = ids == self.image_token_id
-        if self.video_token_id is not None and (ids == self.video_token_id).any():
-            raise ValueError(f"{where}videos are not supported yet")
-        if int(is_image.sum()) != len(images):
-            raise ValueError(
-                f"{where}the messages hold {int(is_image.sum())} image placeholders but {len(images)} images were given"
-            )
-        patches, grids = [], []
-        for i, image in enumerate(images):
+        if videos and self.video_token_id is None:
+            raise ValueError(f"{where}{len(videos)} videos given but the tokenizer has no {VIDEO_TOKEN} token")
+        slots = np.flatnonzero(np.isin(ids, self.vision_token_ids))  # [N + V] placeholder of each vision slot
+        slot_is_video = np.isin(ids[slots], self.vision_token_ids[1:])  # [N + V], True at <|video_pad|>
+        for name, given, held in (("image", images, ~slot_is_video), ("video", videos, slot_is_video)):
+            if int(held.sum()) != len(given):
+                raise ValueError(
+                    f"{where}the messages hold {int(held.sum())} {name} placeholders but {len(given)} {name}s "
+                    "were given"
+                )
+        patches, grids, seconds = [], [], []
+        next_input = {False: iter(enumerate(images)), True: iter(enumerate(videos))}
+        for is_video in slot_is_video.tolist():
+            i, item = next(next_input[is_video])
             try:
-                p, g = preprocess_image(image, self.image_config)
+                if is_video:
+                    p, g, s = preprocess_video(item, self.video_config)
+                    seconds.append(s)
+                else:
+                    p, g = preprocess_image(item, self.image_config)
             except (ValueError, TypeError, OSError) as e:
-                raise ValueError(f"{where}image {i}: {e}") from e
+                raise ValueError(f"{where}{'video' if is_video else 'image'} {i}: {e}") from e
             patches.append(p)
             grids.append(g)
-        grid_thw = np.asarray(grids, np.int32).reshape(-1, 3)  # [N, 3]
-        counts = (np.prod(grid_thw, axis=1) // self.image_config.merge_size**2).astype(np.int32)  # [N]
+        grid_thw = np.asarray(grids, np.int32).reshape(-1, 3)  # [N + V, 3] in text order
+        counts = (np.prod(grid_thw, axis=1) // self.image_config.merge_size**2).astype(np.int32)  # [N + V]
         repeats = np.ones(ids.shape, np.int64)
-        repeats[is_image] = counts
+        repeats[slots] = counts
         input_ids = np.repeat(ids, repeats)  # [T]
-        loss_mask = np.repeat(target, repeats) & (input_ids != self.image_token_id)
+        loss_mask = np.repeat(target, repeats) & ~np.isin(input_ids, self.vision_token_ids)
+        second_per_grid_ts = np.asarray(seconds, np.float32)  # [V]
         position_ids, delta = rope_index(
             input_ids,
             image_token_id=self.image_token_id,
-            image_grid_thw=grid_thw,
+            image_grid_thw=grid_thw[~slot_is_video],
+            video_token_id=self.video_token_id,
+            video_grid_thw=grid_thw[slot_is_video],
+            second_per_grid_ts=second_per_grid_ts,
             spatial_merge_size=self.image_config.merge_size,
+            tokens_per_second=self.tokens_per_second,
         )
         pixel_values = (
             np.concatenate(patches) if patches else np.zeros((0, self.image_config.patch_dim), np.float32)
         )  # [n_patch, D_patch]
-        return Example(input_ids, loss_mask, position_ids, delta, pixel_values, grid_thw, counts, example_id)
+        return Example(
+            input_ids, loss_mask, position_ids, delta, pixel_values, grid_thw, counts, slot_is_video,
+            second_per_grid_ts, example_id,
+        )  # fmt: skip
 
     def decode(self, token_ids, skip_special_tokens: bool = False) -> str | list[str]:
         """Text of a token id sequence (a list of texts for a 2-D array), for logging."""
@@ -233,14 +295,16 @@ class Processor:
 
     # ---- collate ----
     def truncate(self, ex: Example, max_tokens: int) -> Example:
-        """The first <= `max_tokens` tokens of `ex`, cut before any image (with its vision markers) it would split."""
+        """The first <= `max_tokens` tokens of `ex`, cut before any image or video (with its vision markers) it would
+        split."""
         if len(ex) <= max_tokens:
             return ex
         cut = max_tokens
-        pad_at = np.flatnonzero(ex.input_ids == self.image_token_id)
-        first = np.concatenate([[0], np.cumsum(ex.image_token_counts)[:-1]]).astype(np.int64)
-        kept = 0
-        for i, count in enumerate(ex.image_token_counts.tolist()):
+        counts = ex.vision_token_counts  # [N + V], text order
+        pad_at = np.flatnonzero(np.isin(ex.input_ids, self.vision_token_ids))
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        kept = 0  # vision slots kept
+        for i, count in enumerate(counts.tolist()):
             start, end = int(pad_at[first[i]]), int(pad_at[first[i]]) + count
             if start > 0 and ex.input_ids[start - 1] == self.vision_start_token_id:
                 start -= 1
@@ -251,8 +315,10 @@ class Processor:
             elif start < cut:
                 cut = start
         if cut == 0:
-            raise ValueError(f"example {ex.example_id!r}: no tokens before its first image fit in {max_tokens}")
-        n_patch = int(np.prod(ex.image_grid_thw[:kept], axis=1).sum()) if kept else 0
+            raise ValueError(
+                f"example {ex.example_id!r}: no tokens before its first image or video fit in {max_tokens}"
+            )
+        n_patch = int(np.prod(ex.vision_grid_thw[:kept], axis=1).sum()) if kept else 0
         positions = ex.position_ids[:, :cut]
         return dataclasses.replace(
             ex,
@@ -261,8 +327,10 @@ class Processor:
             position_ids=positions,
             rope_delta=int(positions.max()) + 1 - cut,
             pixel_values=ex.pixel_values[:n_patch],
-            image_grid_thw=ex.image_grid_thw[:kept],
-            image_token_counts=ex.image_token_counts[:kept],
+            vision_grid_thw=ex.vision_grid_thw[:kept],
+            vision_token_counts=ex.vision_token_counts[:kept],
+            slot_is_video=ex.slot_is_video[:kept],
+            second_per_grid_ts=ex.second_per_grid_ts[: int(ex.slot_is_video[:kept].sum())],
         )
 
     def _fit(self, ex: Example, index: int, buckets: Buckets) -> Example:
@@ -286,7 +354,8 @@ class Processor:
     ) -> Batch:
         """Pads examples into a `Batch` of bucket sizes; rows past len(examples) up to `batch_size` are all padding.
 
-        Right padding is for training; left padding (every prompt ending at index T-1) for generation.
+        Right padding is for training; left padding (every prompt ending at index T-1) for generation. Images and
+        videos share the vision slots: `image_grid_thw` [B, M, 3] and `image_feature_index` cover both, in text order.
         """
         if padding_side not in ("right", "left"):
             raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
@@ -300,7 +369,7 @@ class Processor:
         merge = self.image_config.merge_size
         seq = self._pick(buckets, "tokens", [len(ex) for ex in examples], examples)
         rows = self._pick(buckets, "patches", [ex.num_patches for ex in examples], examples)
-        slots = self._pick(buckets, "images", [len(ex.image_grid_thw) for ex in examples], examples)
+        slots = self._pick(buckets, "images", [len(ex.vision_grid_thw) for ex in examples], examples)
         if rows % merge**2:
             raise ValueError(f"patch bucket {rows} is not a multiple of merge_size**2 = {merge**2}")
 
@@ -316,7 +385,7 @@ class Processor:
         vision_pos_ids = np.zeros((size, rows, 2), np.int32)
         for b in range(size):
             ex = examples[b] if b < len(examples) else None
-            grids = ex.image_grid_thw if ex is not None else np.zeros((0, 3), np.int32)
+            grids = ex.vision_grid_thw if ex is not None else np.zeros((0, 3), np.int32)  # [N + V, 3] text order
             layout = sample_layout(
                 grids,
                 rows,
@@ -339,11 +408,11 @@ class Processor:
             rope_deltas[b] = ex.rope_delta
             pixel_values[b, : ex.num_patches] = ex.pixel_values
             image_grid_thw[b, : len(grids)] = grids
-            pad_at = start + np.flatnonzero(ex.input_ids == self.image_token_id)
+            pad_at = start + np.flatnonzero(np.isin(ex.input_ids, self.vision_token_ids))
             merged = np.concatenate(layout.merged_rows) if layout.merged_rows else np.zeros(0, np.int32)
             if merged.shape[0] != pad_at.shape[0]:
                 raise ValueError(
-                    f"example {b} ({ex.example_id or 'no id'}): {pad_at.shape[0]} image tokens but its grids "
+                    f"example {b} ({ex.example_id or 'no id'}): {pad_at.shape[0]} vision tokens but its grids "
                     f"{grids.tolist()} give {merged.shape[0]} merged features"
                 )
             image_feature_index[b, pad_at] = merged
@@ -376,3 +445,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def _video_config(path: Path, image: ImageConfig) -> VideoConfig:
+    """processor_config.json's "video_processor", else video_preprocessor_config.json, else the defaults with the
+    image config's patch geometry."""
+    nested = path / "processor_config.json"
+    if nested.is_file() and (d := _read_json(nested).get("video_processor")) is not None:
+        return VideoConfig.from_dict(d, source=f"{nested} video_processor")
+    if (file := path / "video_preprocessor_config.json").is_file():
+        return VideoConfig.from_dict(_read_json(file), source=str(file))
+    return VideoConfig(
+        patch_size=image.patch_size, temporal_patch_size=image.temporal_patch_size, merge_size=image.merge_size
+    )

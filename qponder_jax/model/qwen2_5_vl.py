@@ -1,8 +1,9 @@
 """The whole Qwen2.5-VL model: vision tower + Qwen2 decoder + LM head, on the `Batch` contract.
 
 `model(batch)` gives logits for training; `init_cache` / `prefill` / `decode_step` are the pieces the jitted
-sampler drives. Image features are placed host-free: every token with `image_feature_index >= 0` takes that row of
-its own sample's merged, window-ordered vision features; every other token takes its embedding.
+sampler drives. Image and video features are placed host-free: every token with `image_feature_index >= 0` (the
+`<|image_pad|>` and `<|video_pad|>` tokens) takes that row of its own sample's merged, window-ordered vision features;
+every other token takes its embedding. A video is one vision slot whose grid has t > 1 temporal patches.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class Qwen25VL(nnx.Module):
         return self._logits(hidden), cache
 
     def embed_inputs(self, batch: Batch) -> jax.Array:
-        """Input embeddings [B, T, D]: image features at the `<|image_pad|>` tokens, token embeddings elsewhere."""
+        """Input embeddings [B, T, D]: vision features at the `<|image_pad|>` / `<|video_pad|>` tokens, token
+        embeddings elsewhere."""
         x = self.language_model.embed(jnp.asarray(batch.input_ids))  # [B, T, D]
         if batch.pixel_values.shape[1] == 0:  # text-only bucket: no vision tower
             return x
@@ -138,28 +140,34 @@ def check_shapes(batch: Batch, config: Qwen25VLConfig) -> None:
 
 
 def check_batch(batch: Batch, config: Qwen25VLConfig) -> None:
-    """Host-side (numpy) consistency checks of the image tokens; raises ValueError naming the sample and counts."""
+    """Host-side (numpy) consistency checks of the vision tokens (`<|image_pad|>` and `<|video_pad|>`); raises
+    ValueError naming the sample and counts."""
     check_shapes(batch, config)
     ids = np.asarray(batch.input_ids)
     index = np.asarray(batch.image_feature_index)
     grids = np.asarray(batch.image_grid_thw).reshape(ids.shape[0], -1, 3)
     p = batch.pixel_values.shape[1]
     unit = config.vision.merge_unit
+    is_image, is_video = ids == config.image_token_id, ids == config.video_token_id  # [B, T]
     for b in range(ids.shape[0]):
-        is_image_token = ids[b] == config.image_token_id
+        n_image, n_video = int(is_image[b].sum()), int(is_video[b].sum())
+        tokens = f"{n_image} <|image_pad|> + {n_video} <|video_pad|>" if n_video else f"{n_image} <|image_pad|>"
+        is_vision_token = is_image[b] | is_video[b]
         has_feature = index[b] >= 0
-        n_tokens, n_indexed = int(is_image_token.sum()), int(has_feature.sum())
+        n_tokens, n_indexed = n_image + n_video, int(has_feature.sum())
         n_patches = int(np.prod(grids[b], axis=-1).sum())
         if n_tokens != n_indexed:
             raise ValueError(
-                f"sample {b}: {n_tokens} <|image_pad|> tokens (id {config.image_token_id}) but {n_indexed} tokens "
-                "with image_feature_index >= 0"
+                f"sample {b}: {tokens} tokens (ids {config.image_token_id}, {config.video_token_id}) but {n_indexed} "
+                "tokens with image_feature_index >= 0"
             )
-        if (is_image_token != has_feature).any():
-            raise ValueError(f"sample {b}: image_feature_index >= 0 is not exactly on the <|image_pad|> tokens")
+        if (is_vision_token != has_feature).any():
+            raise ValueError(
+                f"sample {b}: image_feature_index >= 0 is not exactly on the <|image_pad|> / <|video_pad|> tokens"
+            )
         if n_indexed != n_patches // unit:
             raise ValueError(
-                f"sample {b}: {n_indexed} <|image_pad|> tokens but image_grid_thw {grids[b].tolist()} gives "
+                f"sample {b}: {tokens} tokens but image_grid_thw {grids[b].tolist()} gives "
                 f"{n_patches // unit} merged patches"
             )
         if n_patches > p:
