@@ -7,8 +7,10 @@
 
 Variants: `tiny` (the default: the embedded tiny random model, model.model_path "embedded:tiny", unless
 --config.checkpoint is given, on 64 images of the synthetic test split), `koniq_cross` (KonIQ-trained, cross-dataset:
-the DeQA-Score protocol) and `kadid` (KADID-trained: the VisualQuality-R1 / PreResQ-R1 protocol). The two protocol
-variants read built tfds datasets from --config.data.data_dir (`qponder_jax.data.datasets.build`). Results go to
+the DeQA-Score protocol), `kadid` (KADID-trained: the VisualQuality-R1 / PreResQ-R1 protocol) and `vqa` (PreResQ-R1's
+VQA protocol, LSVQ-trained: KoNViD-1k, LIVE-VQC and YouTube-UGC whole, LSVQ test and test_1080p; videos sampled as
+data.video says, the PreResQ-R1 prompt and five ratings). The protocol variants read built tfds datasets from
+--config.data.data_dir (`qponder_jax.data.datasets.build`). Results go to
 <workdir>/<name>/.
 """
 
@@ -19,9 +21,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # make `configs` i
 
 import ml_collections  # noqa: E402
 
-from configs import common  # noqa: E402
+from configs import common, preresq  # noqa: E402
 
-VARIANTS = ("tiny", "koniq_cross", "kadid")
+VARIANTS = ("tiny", "koniq_cross", "kadid", "vqa")
+VQA_DATASETS = "konvid1k:all,live_vqc:all,youtube_ugc:all,lsvq:test,lsvq:test_1080p"  # the `vqa` variant's sets
 
 
 def score(**overrides) -> ml_collections.ConfigDict:
@@ -53,6 +56,7 @@ def data(**overrides) -> ml_collections.ConfigDict:
     c.synthetic_seed = 0  # seed of the synthetic set
     c.synthetic_min_side = 56  # smallest synthetic image side in pixels
     c.synthetic_max_side = 84  # largest synthetic image side in pixels
+    c.synthetic_distortions = ""  # comma-separated synthetic distortions ("" = all: see data/datasets/synthetic.py)
     c.min_pixels = 0  # smallest image area after resize (0 = the preprocessor_config.json value)
     c.max_pixels = 0  # largest image area after resize (0 = the preprocessor_config.json value)
     c.token_buckets = (256, 512, 1024, 2048)  # prompt lengths a batch pads to (the smallest that fits)
@@ -86,4 +90,10 @@ def get_config(arg: str | None = None):
         config.score = score()
         if variant == "kadid":
             config.score.prompt = "visualquality_r1"
+        if variant == "vqa":
+            config.protocol = "custom"  # the sets are named in config.datasets
+            config.datasets = VQA_DATASETS
+            config.score.update(prompt="preresq_r1", num_ratings=5, pad_with_first=True)
+            config.data.image_buckets = (3,)  # the three key-frame crops
+            config.data.video = preresq.video()  # how each video is sampled (VideoSampling fields)
     return config.lock()

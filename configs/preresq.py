@@ -14,6 +14,19 @@ ranking terms compare images within a batch, so every batch comes from one datas
 from the base Qwen2.5-VL-Instruct HF folder, as the paper does (init_checkpoint), and read KADID-10k from
 data.data_dir (`qponder_jax.data.datasets.build("kadid10k", ...)`, split by reference image 6:2:2, seed 42).
 
+VQA variants (PreResQ-R1 carries the same reward to video): `vqa_tiny` (the synthetic VQA set, built into
+data.data_dir with `datasets.build("synthetic_vqa", None, data_dir)`; the embedded tiny model, or
+--config.init_checkpoint=runs/preresq_tiny to continue the tiny image run) and `vqa_7b` (LSVQ's train split,
+28,056 videos, from the image run's HF export, init_checkpoint):
+    qponder --config=configs/export.py --workdir=runs/preresq_7b_export --config.checkpoint=runs/preresq_7b
+    qponder --config=configs/preresq.py:vqa_7b --workdir=runs/preresq_vqa_7b --config.data.data_dir=/data/tfds
+`data.video` holds the `qponder_jax.data.video.VideoSampling` fields: the two-stream layout (a global clip of
+frames sampled over the whole video, downscaled, plus high-resolution key-frame crops given as images). From
+PreResQ-R1's public VQA script: 5 rollouts, 5 prompts (25 completions) per GPU, 2 epochs, the vision tower
+trained (data.batch_size 40 = 5 prompts on each of 8 devices; they used 4 GPUs). Ours, not theirs: 1 frame per
+second (4-16 frames), 3 crops of 448 pixels, the image prompt and its five ratings (their video prompt asks for a
+global and a local score).
+
 Conventions as configs/qponder.py, except the advantage eps: 1e-4 with the unbiased std (VisualQuality-R1's
 codebase, which PreResQ-R1 builds on). KL: k3; aggregation: token-mean; clip 0.2.
 """
@@ -27,8 +40,9 @@ import ml_collections  # noqa: E402
 
 from configs import common, qponder  # noqa: E402
 
-VARIANTS = ("tiny", "3b", "7b")
+VARIANTS = ("tiny", "3b", "7b", "vqa_tiny", "vqa_7b")
 KADID_TRAIN_IMAGES = 6125  # the KADID-10k train split (by reference image, 6:2:2, seed 42)
+LSVQ_TRAIN_VIDEOS = 28056  # LSVQ's official train split (is_test False in labels_train_test.csv)
 
 
 def preresq_rewards() -> ml_collections.ConfigDict:
@@ -51,13 +65,49 @@ def preresq_rewards() -> ml_collections.ConfigDict:
     return c
 
 
+def video(**overrides) -> ml_collections.ConfigDict:
+    """`data.video`: how videos are sampled (the fields of qponder_jax.data.video.VideoSampling)."""
+    c = ml_collections.ConfigDict()
+    c.fps = 1.0  # target sampled frames per second of the global clip (used when num_frames == 0)
+    c.num_frames = 0  # fixed number of global frames (rounded to a multiple of 2); 0 = from fps
+    c.min_frames = 4  # fewest global frames sampled from fps
+    c.max_frames = 16  # most global frames sampled from fps
+    c.layout = "two_stream"  # "two_stream" (global low-res clip + high-res key-frame crops) or "uniform" (clip only)
+    c.global_max_pixels = 224 * 224  # two_stream: each global frame downscaled to at most this area (0 = keep)
+    c.num_crops = 3  # two_stream: high-resolution crops, one per key frame (centers of equal time segments)
+    c.crop_size = 448  # two_stream: crop side in pixels (clamped to the frame)
+    c.crop_mode = "detail"  # two_stream: crop at the highest-gradient-energy window ("detail") or the "center"
+    c.update(overrides)
+    return c
+
+
+def vqa(config: ml_collections.ConfigDict, size: str) -> None:
+    """Turns the image config of `size` into its VQA variant, in place."""
+    if size == "tiny":
+        config.data.datasets = "synthetic_vqa:train"
+        config.data.image_buckets = (2,)  # the two crops
+        config.data.video = video(num_frames=4, global_max_pixels=56 * 56, num_crops=2, crop_size=56)
+        return
+    config.init_checkpoint = f"runs/preresq_{size}_export/hf"  # the image run's HF export (see the docstring)
+    config.data.datasets = "lsvq:train"
+    config.data.batch_size = 40  # 5 prompts x 5 rollouts = 25 completions per device on 8 devices
+    config.data.image_buckets = (3,)  # the three crops
+    config.data.video = video()
+    config.grpo.num_generations = 5
+    config.grpo.num_minibatches = 4
+    config.optim.freeze = ()
+    config.train.total_steps = -(-2 * LSVQ_TRAIN_VIDEOS // config.data.batch_size)  # 2 epochs
+
+
 def get_config(arg: str | None = None):
     variant = common.parse_variant(arg, VARIANTS, default="tiny")
-    config = qponder.base(variant)
+    size = variant.removeprefix("vqa_")
+    config = qponder.base(size)
+    config.variant = variant  # the variant this config was built for (informational)
     config.rewards = preresq_rewards()
     grpo_fields = dict(num_generations=6, max_new_tokens=256, temperature=1.0, beta=0.04, advantage_eps=1e-4)
     grpo_fields.update(score_numbers=5, max_numbers=5)
-    if variant == "tiny":
+    if size == "tiny":
         config.data = qponder.data(prompt="preresq_r1", batch_size=8, max_pixels=84 * 84)
         config.data.token_buckets = (160, 192, 256)
         config.data.patch_buckets = (64,)
@@ -72,9 +122,11 @@ def get_config(arg: str | None = None):
             datasets="kadid10k:train", prompt="preresq_r1", batch_size=64, max_pixels=448 * 448, worker_count=8
         )
         config.data.patch_buckets = (256, 1024)
-        config.grpo = qponder.grpo(**dict(grpo_fields, num_minibatches=4 if variant == "7b" else 2))
+        config.grpo = qponder.grpo(**dict(grpo_fields, num_minibatches=4 if size == "7b" else 2))
         config.optim = qponder.optimizer(peak_lr=1e-6, warmup_steps=0)
         config.optim.freeze = ("vision_tower",)
         config.train = qponder.train(total_steps=-(-8 * KADID_TRAIN_IMAGES // 64))  # 8 epochs
         config.train.checkpoint_every = 50
+    if variant.startswith("vqa_"):
+        vqa(config, size)
     return config.lock()

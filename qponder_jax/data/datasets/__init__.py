@@ -5,8 +5,11 @@
     src = datasets.load("koniq10k", "train", data_dir="/data/tfds")             # random access
     src = datasets.SyntheticIQA("train", size=512, seed=0)                      # nothing downloaded
     src = datasets.ColdStartSource("/data/cold_start.jsonl")
+    datasets.build("lsvq", manual_dir="/data/LSVQ", data_dir="/data/tfds")                   # VQA sets: videos
+    src = datasets.load("lsvq", "train", data_dir="/data/tfds")                              #   stored by path
 
-Every source yields dicts with the record schema in `common` (image bytes: `decode_image`).
+Every source yields dicts with the record schema in `common` (image bytes: `decode_image`); the VQA sets
+(VIDEO_DATASETS) yield the video record schema in `videos` (decode with `data.video.load_video_inputs`).
 tensorflow_datasets is imported only when a builder is used.
 """
 
@@ -31,7 +34,14 @@ BUILDERS = {
     "csiq": "distorted:Csiq",
     "tid2013": "distorted:Tid2013",
     "synthetic_iqa": "synthetic_tfds:SyntheticIqaBuilder",
+    "konvid1k": "videos:Konvid1k",
+    "live_vqc": "videos:LiveVqc",
+    "youtube_ugc": "videos:YoutubeUgc",
+    "lsvq": "videos:Lsvq",
+    "synthetic_vqa": "videos:SyntheticVqa",
 }
+VIDEO_DATASETS = ("konvid1k", "live_vqc", "youtube_ugc", "lsvq", "synthetic_vqa")  # records hold video paths
+NO_MANUAL_DIR = ("synthetic_iqa", "synthetic_vqa")  # generated, not read from an official release
 
 
 def builder_class(name: str):
@@ -48,6 +58,8 @@ def get_builder(name: str, data_dir: str | Path, *, strict: bool = False, max_sh
     cls = builder_class(name)
     if name == "synthetic_iqa":
         return cls(data_dir=str(data_dir))
+    if name in VIDEO_DATASETS and max_short_side:
+        raise ValueError(f"{name}: max_short_side applies to images; videos are stored by path, never resized")
     return make_builder(cls, data_dir, strict=strict, max_short_side=max_short_side)
 
 
@@ -66,6 +78,10 @@ def build(
     if name == "synthetic_iqa":
         builder.download_and_prepare(file_format="array_record")
         return builder
+    if name in VIDEO_DATASETS:
+        from qponder_jax.data.datasets.videos import prepare_video_builder
+
+        return prepare_video_builder(builder, manual_dir)
     return prepare(builder, manual_dir)
 
 
@@ -73,12 +89,18 @@ def load(name: str, split: str = "all", *, data_dir: str | Path, max_short_side:
     """Random-access records of a built split; "all" = every image of the dataset."""
     from qponder_jax.data.datasets.builder import as_source
 
+    if name in VIDEO_DATASETS:
+        from qponder_jax.data.datasets.videos import VideoSource
+
+        return VideoSource(get_builder(name, data_dir).as_data_source(split))
     return as_source(get_builder(name, data_dir, max_short_side=max_short_side), split)
 
 
 __all__ = [
     "BUILDERS",
+    "NO_MANUAL_DIR",
     "RECORD_FIELDS",
+    "VIDEO_DATASETS",
     "ColdStartRecord",
     "ColdStartSource",
     "ColdStartWriter",

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "build":
-        if args.manual_dir is None and args.name != "synthetic_iqa":
+        if args.manual_dir is None and args.name not in datasets.NO_MANUAL_DIR:
             parser.error(f"{args.name} needs --manual_dir (the official release in its original layout)")
         try:
             datasets.build(
