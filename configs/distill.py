@@ -61,7 +61,7 @@ def get_config(arg: str | None = None):
     config.data.synthetic_seed = 0  # seed of the synthetic set
     config.data.synthetic_min_side = 56  # smallest synthetic image side in pixels
     config.data.synthetic_max_side = 84  # largest synthetic image side in pixels
-    config.data.synthetic_distortions = ""  # comma-separated synthetic distortions ("" = all: see data/datasets/synthetic.py)
+    config.data.synthetic_distortions = ""  # comma-separated synthetic distortions ("" = all)
     config.data.min_pixels = 0  # smallest image area after resize (0 = the preprocessor_config.json value)
     config.data.max_pixels = 84 * 84 if tiny else 448 * 448  # largest image area after resize (0 = the file's)
     config.data.token_buckets = (256, 320) if tiny else (512, 1024, 2048)  # prompt lengths a batch pads to
