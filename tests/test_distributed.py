@@ -1,14 +1,23 @@
 """qponder_jax.distributed: which environment starts a multi-process run, the join timeout (no hang when a process
 never starts), and the cross-process config check (processes that disagree fail fast, naming the field)."""
 
+import dataclasses
+import functools
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from qponder_jax import distributed as dist
+from qponder_jax.data import pipeline
+from qponder_jax.data.batch import Batch
+from qponder_jax.data.processing import Buckets, Processor
+from qponder_jax.data.tokenizer import build_demo_tokenizer
+from qponder_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
@@ -140,3 +149,103 @@ def test_run_once_runs_on_process_zero_and_waits(monkeypatch):
     monkeypatch.setattr(jax, "process_index", lambda: 0)
     assert dist.run_once(lambda: calls.append("built") or 7, name="build") == 7
     assert calls == ["built"] and barriers == ["build", "build"]
+
+
+# ---- every process pads a global batch to the same buckets ----
+
+BUCKETS = dict(tokens=(32, 48, 64, 96, 128, 192, 256), patches=(0, 16, 32, 64, 128, 256), images=(0, 1, 2))
+
+
+class Conversations:
+    """Records with 0-2 images of varied sizes and texts of varied length: batch halves need different buckets."""
+
+    def __len__(self):
+        return 32
+
+    def __getitem__(self, index):
+        rng = np.random.default_rng(index)
+        sides = rng.choice([28, 56, 84], size=(index % 3, 2))
+        images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sides]
+        return {"index": index, "images": images, "text": " ".join(["sharp"] * int(rng.integers(1, 60)))}
+
+
+class EncodeConversation:
+    def __init__(self, proc, generation: bool):
+        self.proc, self.generation = proc, generation
+
+    def __call__(self, record):
+        content = [{"type": "image"} for _ in record["images"]] + [{"type": "text", "text": record["text"]}]
+        messages = [{"role": "user", "content": content}]
+        if not self.generation:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": "fair"}]})
+        ex = self.proc.encode(messages, record["images"], add_generation_prompt=self.generation)
+        return ex, {"index": np.int32(record["index"])}
+
+
+@pytest.fixture(scope="module")
+def proc(tmp_path_factory):
+    return Processor.from_pretrained(build_demo_tokenizer(tmp_path_factory.mktemp("tok")), buckets=Buckets(**BUCKETS))
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_processes_agree_on_each_batch_shape(proc, side, monkeypatch):
+    """Two processes' halves of a global batch pick different buckets on their own; after the loader's agreement
+    both have the same shapes, and together they are exactly the batch one process collates for the whole batch."""
+    collate = pipeline.collate_pairs(functools.partial(proc.collate, padding_side=side))
+    kwargs = dict(batch_size=4, transform=EncodeConversation(proc, side == "left"), collate=collate, seed=0)
+    padding = pipeline.Padding(side, proc.pad_token_id)
+    one = pipeline.make_loader(Conversations(), **kwargs)
+    raw = [pipeline.make_loader(Conversations(), process_index=p, process_count=2, **kwargs) for p in range(2)]
+    agreeing = [pipeline.make_loader(Conversations(), process_index=p, process_count=2, padding=padding, **kwargs)
+                for p in range(2)]  # fmt: skip
+    differed = 0
+    for _ in range(8):
+        whole = next(one)
+        local = [next(r) for r in raw]
+        sizes = np.stack([[pipeline.bucket_sizes(item[0])] for item in local])  # [processes, 1, 3]
+        differed += int((sizes[0] != sizes[1]).any())
+        monkeypatch.setattr(pipeline, "_process_allgather", lambda mine, sizes=sizes: sizes)  # the collective
+        parts = [next(a) for a in agreeing]
+        assert (
+            pipeline.bucket_sizes(parts[0][0]) == pipeline.bucket_sizes(parts[1][0]) == pipeline.bucket_sizes(whole[0])
+        )
+        for field in dataclasses.fields(Batch):
+            axis = 1 if field.name == "position_ids" else 0
+            joined = np.concatenate([getattr(part[0], field.name) for part in parts], axis=axis)
+            np.testing.assert_array_equal(joined, getattr(whole[0], field.name), err_msg=field.name)
+        np.testing.assert_array_equal(np.concatenate([part[1]["index"] for part in parts]), whole[1]["index"])
+    assert differed >= 3, "the records no longer exercise different buckets per process"
+
+
+def test_pad_batch_refuses_to_shrink_and_single_process_loaders_do_not_gather(proc, monkeypatch):
+    batch = proc.collate([EncodeConversation(proc, False)(Conversations()[1])[0]])
+    with pytest.raises(ValueError, match="smaller"):
+        pipeline.pad_batch(batch, 16, 16, 1, pipeline.Padding())
+    monkeypatch.setattr(pipeline, "_process_allgather", lambda mine: pytest.fail("gathered in a 1-process run"))
+    loader = pipeline.make_loader(Conversations(), batch_size=2, transform=EncodeConversation(proc, False),
+                                  collate=pipeline.collate_pairs(proc.collate), padding=pipeline.Padding())  # fmt: skip
+    assert next(loader)[0].batch_size == 2
+
+
+class Numbers:
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, index):
+        return {"index": np.int32(index)}
+
+
+def test_data_position_restores_on_any_layout_but_not_other_settings():
+    """A position saved by process 1 of 2 restores in one process; other data settings are refused with a one-line
+    error (a ConfigError: the CLI prints it without a traceback) naming the setting and the way forward."""
+    saved = pipeline.make_loader(Numbers(), batch_size=4, seed=1, process_index=1, process_count=2)
+    next(saved)
+    state = saved.state()
+    one = pipeline.make_loader(Numbers(), batch_size=4, seed=1)
+    expected = [next(one)["index"].tolist() for _ in range(2)][1]
+    resumed = pipeline.make_loader(Numbers(), batch_size=4, seed=1)
+    resumed.restore(state)
+    assert next(resumed)["index"].tolist() == expected  # the next global batch
+    with pytest.raises(pipeline.LoaderStateError, match=r"batch_size \(saved 4, now 8\).*init_checkpoint") as error:
+        pipeline.make_loader(Numbers(), batch_size=8, seed=1).restore(state)
+    assert isinstance(error.value, ConfigError)

@@ -2,6 +2,7 @@
 commands; the local launcher runs the tiny SFT as 2 processes x 4 devices with the same losses as 1 process x 8
 devices, and its checkpoint restores in a single process."""
 
+import functools
 import json
 import os
 import re
@@ -90,19 +91,24 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
     assert (tmp_path / "process_0.log").exists() and (tmp_path / "process_1.log").exists()
 
 
-# ---- 2 processes x 4 devices against 1 process x 8 devices (slow: three CLI runs, each compiling the step) ----
+# ---- 2 processes x 4 devices against 1 process x 8 devices (slow: CLI runs, each compiling the step) ----
+# The data stream does not depend on the process layout (process p reads rows [p*B/P, (p+1)*B/P) of every global
+# batch), so both layouts train on the same batches, and fine buckets make the two processes' halves of a batch need
+# different buckets (`_halves_needing_other_buckets` checks it): without the agreement on one shape per batch the
+# 2-process runs would fail. A 1-process run then resumes the 2-process checkpoint and must take the step the
+# 1-process reference took.
 
 SFT_FLAGS = [
     "--config=configs/qponder_ci.py:tiny",
-    "--config.train.total_steps=3",
     "--config.optim.warmup_steps=1",
+    "--config.optim.end_lr_ratio=1.0",  # constant after warmup: the schedule does not depend on total_steps
     "--config.train.log_every=1",
     "--config.train.eval_every=0",
-    # 8 records = one global batch, so both layouts see the same records in every step (in another order), and one
-    # token bucket, so both processes pad their halves to the same shape
-    "--config.data.synthetic_train_size=8",
+    "--config.train.checkpoint_every=3",
+    "--config.data.synthetic_train_size=16",  # 2 batches of 8 per epoch: step 4 is epoch 2's second batch
     "--config.data.synthetic_eval_size=16",
-    "--config.data.token_buckets=(256,)",
+    "--config.data.token_buckets=(208, 212, 216, 224)",  # the synthetic records have 204-220 tokens
+    "--config.data.patch_buckets=(16, 24, 64)",
 ]
 
 
@@ -110,29 +116,63 @@ def _env(devices: int) -> dict:
     return local.process_env(os.environ, 0, 1, 0, devices_per_process=devices)
 
 
-def _metrics(workdir: Path) -> dict:
+def _run(args: list[str], *, devices: int = 8) -> str:
+    out = subprocess.run(QPONDER + args, cwd=ROOT, env=_env(devices), capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr + out.stdout
+
+
+def _run_two_processes(args: list[str], workdir: Path) -> str:
+    launcher = [sys.executable, str(ROOT / "launch/local.py"), "--num_processes=2", "--devices_per_process=4",
+                "--timeout=300", f"--log_dir={workdir / 'logs'}", "--"]  # fmt: skip
+    out = subprocess.run(launcher + QPONDER + args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-5000:]
+    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out.stdout and "[p1]" in out.stdout
+    return out.stdout
+
+
+def _metrics(workdir: Path, prefix: str = "train", key: str = "loss") -> dict:
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return {(r["prefix"], r["step"]): r["loss"] for r in records}
+    return {(r["prefix"], r["step"]): r[key] for r in records if r["prefix"] == prefix or prefix == "*"}
 
 
-def _restore_params(workdir: Path, overrides: list[str]) -> tuple[int, dict]:
-    """The final checkpoint's params, restored in this (single, 8-device) process."""
+def _config(name: str, variant: str, overrides: dict):
     import importlib.util
 
+    spec = importlib.util.spec_from_file_location(f"{name}_for_launch", ROOT / f"configs/{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(variant)
+    config.update_from_flattened_dict(overrides)
+    return config
+
+
+def _halves_needing_other_buckets(source, transform, collate, batch_size: int, steps: int) -> int:
+    """How many of the first `steps` global batches have halves (2 processes) that pick different buckets alone."""
+    from qponder_jax.data import pipeline
+
+    loaders = [pipeline.make_loader(source, batch_size=batch_size, transform=transform, collate=collate,
+                                    process_index=p, process_count=2) for p in range(2)]  # fmt: skip
+    differ = 0
+    for _ in range(steps):
+        halves = [next(loader) for loader in loaders]
+        sizes = [pipeline.bucket_sizes(h[0] if isinstance(h, tuple) else h) for h in halves]
+        differ += sizes[0] != sizes[1]
+    return differ
+
+
+def _restore_params(workdir: Path, steps: int) -> tuple[int, dict]:
+    """The final SFT checkpoint's params, restored in this (single, 8-device) process."""
     from qponder_jax import embedded
     from qponder_jax.model import sharding
     from qponder_jax.train import optim
     from qponder_jax.train import state as state_lib
 
-    spec = importlib.util.spec_from_file_location("qponder_ci_for_launch", ROOT / "configs/qponder_ci.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
-    config.update_from_flattened_dict({"optim.warmup_steps": 1, "train.total_steps": 3})
+    config = _config("qponder_ci", "tiny", {"optim.warmup_steps": 1, "optim.end_lr_ratio": 1.0})
     mesh = sharding.make_mesh(tuple(config.mesh))
     abstract_model, _ = embedded.abstract_model(config.model, workdir / "tiny_model")
     _, abs_params, _ = state_lib.split_model(abstract_model)
-    tx, _, _ = optim.from_config(config.optim, abs_params, total_steps=3)
+    tx, _, _ = optim.from_config(config.optim, abs_params, total_steps=steps)
     abstract = state_lib.abstract_train_state(abs_params, tx, state_lib.param_shardings(abstract_model, mesh), mesh)
     ckpt = state_lib.Checkpointer(workdir / "checkpoints", async_save=False)
     try:
@@ -143,33 +183,123 @@ def _restore_params(workdir: Path, overrides: list[str]) -> tuple[int, dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process_and_the_checkpoint_restores(tmp_path):
-    ref, multi = tmp_path / "one_process", tmp_path / "two_processes"
-    out = subprocess.run(QPONDER + SFT_FLAGS + [f"--workdir={ref}"], cwd=ROOT, env=_env(8), capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
-    assert out.returncode == 0, out.stderr[-3000:]
-    # The embedded tiny model and the synthetic records are built by every process into the same workdir paths
-    # (embedded.build_tiny_model / rule_teacher.write_synthetic_cold_start); give the 2-process run the ones the
-    # 1-process run built (deterministic, so identical) instead of racing on them.
-    multi.mkdir()
-    for name in ("tiny_model", "data"):
-        shutil.copytree(ref / name, multi / name)
-    launcher = [sys.executable, str(ROOT / "launch/local.py"), "--num_processes=2", "--devices_per_process=4",
-                "--timeout=300", f"--log_dir={multi / 'logs'}", "--"]  # fmt: skip
-    out = subprocess.run(launcher + QPONDER + SFT_FLAGS + [f"--workdir={multi}"], cwd=ROOT, capture_output=True,
-                         text=True, timeout=900)  # fmt: skip
-    assert out.returncode == 0, out.stdout[-5000:]
-    assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1}" in out.stdout and "[p1]" in out.stdout
-    assert "sft:" not in (multi / "logs/process_1.log").read_text()  # only process 0 logs
+def test_two_processes_match_one_process_and_the_checkpoint_resumes_in_one(tmp_path):
+    from qponder_jax.data.datasets.cold_start import ColdStartSource
+    from qponder_jax.data.processing import Buckets, Processor
+    from qponder_jax.train.sft import EncodeColdStart
 
-    ref_losses, multi_losses = _metrics(ref), _metrics(multi)
-    assert set(ref_losses) == set(multi_losses) == {("train", 1), ("train", 2), ("train", 3), ("eval", 3)}
-    diffs = {k: abs(ref_losses[k] - multi_losses[k]) for k in ref_losses}
+    ref, multi = tmp_path / "one_process", tmp_path / "two_processes"
+    _run(SFT_FLAGS + ["--config.train.total_steps=4", f"--workdir={ref}"])
+    buckets = Buckets(tokens=(208, 212, 216, 224), patches=(16, 24, 64), images=(1,))  # SFT_FLAGS' buckets
+    proc = Processor.from_pretrained(ref / "tiny_model", buckets=buckets)
+    source = ColdStartSource(ref / "data/train.jsonl")
+    assert _halves_needing_other_buckets(source, EncodeColdStart(proc), proc.collate, 8, 3) >= 1
+
+    stdout = _run_two_processes(SFT_FLAGS + ["--config.train.total_steps=3", f"--workdir={multi}"], multi)
+    assert "sft:" not in (multi / "logs/process_1.log").read_text()  # only process 0 logs
+    assert "[p0] sft:" in stdout
+    ref_losses, multi_losses = _metrics(ref, "*"), _metrics(multi, "*")
+    assert set(multi_losses) == {("train", 1), ("train", 2), ("train", 3), ("eval", 3)}
+    diffs = {k: abs(ref_losses[k] - multi_losses[k]) for k in multi_losses if k[0] == "train"}
     assert max(diffs.values()) < 1e-4, diffs
     assert ref_losses[("train", 3)] < ref_losses[("train", 1)] - 0.1  # it trained
 
-    step_ref, params_ref = _restore_params(ref, SFT_FLAGS)
-    step_multi, params_multi = _restore_params(multi, SFT_FLAGS)
-    assert step_ref == step_multi == 3
+    # One process resumes the 2-process checkpoint (step 3, data position 3 batches) and takes step 4 exactly as the
+    # 1-process run did: same parameters, optimizer state and next batch.
+    resumed = _run(SFT_FLAGS + ["--config.train.total_steps=4", f"--workdir={multi}"])
+    assert "resuming at step 3" in resumed
+    multi_losses = _metrics(multi, "*")
+    assert abs(multi_losses[("train", 4)] - ref_losses[("train", 4)]) < 1e-4
+    assert abs(multi_losses[("eval", 4)] - ref_losses[("eval", 4)]) < 1e-4
+    step_ref, params_ref = _restore_params(ref, 4)
+    step_multi, params_multi = _restore_params(multi, 4)
+    assert step_ref == step_multi == 4
     leaf_diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.max(np.abs(a - b))), params_ref, params_multi))
     assert max(leaf_diffs) < 1e-4
+
+
+# ---- GRPO: the same for a few steps from a cold-started tiny model whose rewards vary across the batch ----
+
+COLD_START_PROMPT = "Rate the quality."
+GRPO_TOKEN_BUCKETS, GRPO_PATCH_BUCKETS = (24, 28, 32, 36, 40, 48, 64), (16, 24, 32, 36, 48, 64)
+GRPO_FLAGS = [
+    "--config=configs/qponder.py:tiny",  # constant learning rate: the schedule does not depend on total_steps
+    "--config.train.log_every=1",
+    "--config.train.sample_every=1",
+    "--config.train.checkpoint_every=3",
+    "--config.grpo.max_new_tokens=24",
+    "--config.data.synthetic_size=32",
+    f"--config.data.prompt_text={COLD_START_PROMPT}",
+    f"--config.data.token_buckets={GRPO_TOKEN_BUCKETS}",
+    f"--config.data.patch_buckets={GRPO_PATCH_BUCKETS}",
+]
+GRPO_KEYS = ("reward_mean", "reward_std", "format_rate", "completion_length", "zero_std_fraction", "loss", "kl")
+
+
+def _cold_start(root: Path) -> Path:
+    """An SFT workdir whose tiny model writes `<think>The quality is W.</think><answer>S</answer>` (S uniform in
+    [1, 5], whatever the image) often enough that format, accuracy and consistency rewards vary across a batch."""
+    from qponder_jax import prompts
+    from qponder_jax.data.datasets import SyntheticIQA, decode_image
+
+    data = root / "cold_start"
+    data.mkdir(parents=True)
+    source, rng = SyntheticIQA("train", size=32, min_side=56, max_side=84), np.random.default_rng(0)
+    lines = []
+    for i in range(32):
+        record, score = source[i], float(np.round(rng.uniform(1, 5), 1))
+        decode_image(record["image"]).save(data / f"{i}.png")
+        response = f"<think>The quality is {prompts.level_of_score(score)}.</think><answer>{score:.1f}</answer>"
+        lines.append({"image": f"{i}.png", "prompt": COLD_START_PROMPT, "response": response, "mos": record["mos"]})
+    (data / "train.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    workdir = root / "sft"
+    _run(["--config=configs/qponder_ci.py:tiny", "--config.data.source=jsonl", f"--config.data.train_jsonl="
+          f"{data / 'train.jsonl'}", "--config.train.total_steps=80", "--config.optim.peak_lr=3e-3",
+          "--config.optim.warmup_steps=5", "--config.optim.end_lr_ratio=0.1", "--config.train.eval_every=0",
+          "--config.train.log_every=80", "--config.data.token_buckets=(64, 128)", f"--workdir={workdir}"])  # fmt: skip
+    return workdir
+
+
+def _grpo_metrics(workdir: Path) -> dict[int, dict]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in records if r["prefix"] == "grpo"}
+
+
+def _samples(text: str) -> dict[int, str]:
+    return {int(m.group(1)): m.group(2) for m in re.finditer(r"grpo step (\d+) sample (.*)", text)}
+
+
+@pytest.mark.slow
+def test_grpo_two_processes_match_one_process_and_resume_in_one(tmp_path):
+    from qponder_jax import eval as eval_lib
+    from qponder_jax.data import pipeline
+    from qponder_jax.train.grpo_job import EncodePrompt
+
+    sft = _cold_start(tmp_path)
+    flags = GRPO_FLAGS + [f"--config.init_checkpoint={sft}"]
+    config = _config("qponder", "tiny", {"data.synthetic_size": 32, "data.token_buckets": GRPO_TOKEN_BUCKETS,
+                                         "data.patch_buckets": GRPO_PATCH_BUCKETS})  # fmt: skip
+    proc = eval_lib.make_processor(sft / "tiny_model", config.data)
+    collate = pipeline.collate_pairs(functools.partial(proc.collate, padding_side="left"))
+    prompts_source = eval_lib.open_source("synthetic:train", config.data)
+    assert _halves_needing_other_buckets(prompts_source, EncodePrompt(proc, COLD_START_PROMPT), collate, 8, 3) >= 1
+
+    ref, multi = tmp_path / "one_process", tmp_path / "two_processes"
+    ref_out = _run(flags + ["--config.train.total_steps=4", f"--workdir={ref}"])
+    multi_out = _run_two_processes(flags + ["--config.train.total_steps=3", f"--workdir={multi}"], multi)
+    want, got = _grpo_metrics(ref), _grpo_metrics(multi)
+    assert sorted(got) == [1, 2, 3]
+    assert (
+        max(want[s]["reward_std"] for s in got) > 0.2 and max(want[s]["format_rate"] for s in got) > 0
+    )  # rewards vary
+    for step in got:  # identical rollouts (same prompts, same PRNG stream), so identical rewards and lengths
+        for key in GRPO_KEYS:
+            assert abs(got[step][key] - want[step][key]) < 1e-4, (step, key, got[step][key], want[step][key])
+    assert _samples(multi_out) == {s: t for s, t in _samples(ref_out).items() if s <= 3} and _samples(multi_out)
+
+    resumed = _run(flags + ["--config.train.total_steps=4", f"--workdir={multi}"])  # 1 process, 2-process checkpoint
+    assert "resuming at step 3" in resumed
+    got = _grpo_metrics(multi)
+    for key in GRPO_KEYS:
+        assert abs(got[4][key] - want[4][key]) < 1e-4, (key, got[4][key], want[4][key])
+    assert _samples(resumed)[4] == _samples(ref_out)[4]

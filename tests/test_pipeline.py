@@ -97,15 +97,35 @@ def test_mixed_batches_concatenate_sources():
     )
 
 
-def test_each_process_reads_only_its_shard():
-    runs = [
-        make_loader(RangeSource(11), batch_size=4, transform=transform, seed=2, num_epochs=1, process_index=p,
-                    process_count=2)
-        for p in range(2)
-    ]  # fmt: skip
+@pytest.mark.parametrize("mode", ["one", "single_dataset", "concatenated"])
+def test_processes_split_the_global_batches_of_one_process(mode):
+    """Process p of P gets rows [p*B/P, (p+1)*B/P) of the 1-process run's batch k (same records, same order), and a
+    position saved on one process count resumes on another (batch 2 straddles an epoch boundary in mode "one")."""
+    sources = RangeSource(10) if mode == "one" else [RangeSource(12, "a"), RangeSource(20, "b")]
+    kwargs = dict(batch_size=4, transform=transform, seed=2, single_dataset_batches=mode != "concatenated")
+    one = _take(make_loader(sources, **kwargs), 12)
+    for count in (2, 4):
+        parts = [_take(make_loader(sources, process_index=p, process_count=count, **kwargs), 12) for p in range(count)]
+        assert all(len(batch) == 4 // count for part in parts for batch in part)
+        assert [sum((part[k] for part in parts), []) for k in range(12)] == one
+    two = make_loader(sources, process_index=1, process_count=2, **kwargs)
+    _take(two, 5)
+    resumed = make_loader(sources, **kwargs)  # a 2-process checkpoint resumed by one process
+    resumed.restore(json.loads(json.dumps(two.state())))
+    assert _take(resumed, 7) == one[5:]
+
+
+def test_each_process_reads_only_its_rows():
+    read = {0: [], 1: []}
+
+    def recording(p):
+        return lambda record: read[p].append(record["index"]) or transform(record)
+
+    runs = [make_loader(RangeSource(11), batch_size=4, transform=recording(p), seed=2, num_epochs=1, process_index=p,
+                        process_count=2) for p in range(2)]  # fmt: skip
     seen = [[i for b in run for _, i in _ids(b)] for run in runs]
-    assert all(len(s) == 4 for s in seen)  # 5 records per process (the 11th is cut), batches of 2
-    assert set(seen[0]) <= set(range(0, 11, 2)) and set(seen[1]) <= set(range(1, 11, 2))
+    assert all(len(s) == 4 for s in seen) and not set(seen[0]) & set(seen[1])  # 2 global batches of 4; 3 left over
+    assert sorted(read[0]) == sorted(seen[0]) and sorted(read[1]) == sorted(seen[1])  # nothing else was read
     with pytest.raises(ValueError, match="not divisible"):
         make_loader(RangeSource(11), batch_size=3, process_index=0, process_count=2)
 

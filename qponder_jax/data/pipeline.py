@@ -2,9 +2,16 @@
 
 Built on `grain.MapDataset`, so every batch is a pure function of (seed, step): shuffling reseeds each
 epoch, resuming only needs the step (`Loader.state()`), and per-process sharding is a slice.
-- Multi-host: process p of P reads only records p, p+P, ... of each source, truncated to the same length
-  on every process, and builds batches of `batch_size / P` records; `to_global` assembles the global
-  array from every process's part.
+- Multi-host: the batch sequence is global and the same for every process layout. Global batch k is records
+  [k*B, (k+1)*B) of the shuffled record stream; process p of P reads and transforms only its rows
+  [p*B/P, (p+1)*B/P) of it, and `to_global` assembles the global array from every process's part. So a 2-process
+  run trains on exactly the batches of a 1-process run (same rows, same order), and a checkpoint resumes on
+  another process count with the same data position.
+- Buckets: each process collates its rows to the smallest buckets that fit *its* rows, so two processes could
+  build different shapes for one global batch (a shape error or a hang in the step). With `padding=Padding(...)`
+  a multi-process loader allgathers every process's (tokens, patches, image slots) sizes, 3 ints per batch, and
+  re-pads to the largest (`agree_on_shapes`): the shape a single process would have picked for the whole batch.
+  (Always padding to the largest bucket needs no collective, but multiplies the compute of short batches.)
 - `worker_count > 0` runs the transform and collate in grain worker processes (`mp_prefetch`); the
   output is identical to `worker_count=0` (what tests use).
 - Several sources with `single_dataset_batches=True`: each batch holds records of one source only
@@ -17,6 +24,8 @@ epoch, resuming only needs the step (`Loader.state()`), and per-process sharding
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -27,6 +36,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from qponder_jax.data.batch import Batch
+from qponder_jax.errors import ConfigError
 from qponder_jax.model.sharding import LOGICAL_RULES, logical_sharding
 
 Source = Any  # anything with __len__ and __getitem__(int)
@@ -86,12 +97,8 @@ class _BlockMixMap(grain.transforms.DatasetSelectionMap):
         return {**self.__dict__, "_cache": None}
 
 
-def _shard(source: Source, process_index: int, process_count: int) -> grain.MapDataset:
-    """This process's records of `source`: every process_count-th, cut to the same length on every process."""
-    per_process = len(source) // process_count
-    if per_process == 0:
-        raise ValueError(f"source {source!r} has {len(source)} records, fewer than {process_count} processes")
-    return grain.MapDataset.source(source)[process_index::process_count][:per_process]
+class LoaderStateError(ConfigError):
+    """A saved data position that does not fit this loader's settings."""
 
 
 class Loader:
@@ -103,12 +110,19 @@ class Loader:
     """
 
     def __init__(
-        self, batches: grain.MapDataset, fingerprint: dict, batches_per_epoch: int, worker_count: int, buffer: int
+        self,
+        batches: grain.MapDataset,
+        fingerprint: dict,
+        batches_per_epoch: int,
+        worker_count: int,
+        buffer: int,
+        agree: Callable[[Any], Any] | None = None,
     ):
         self.batches = batches
-        self.fingerprint = fingerprint  # settings a restored state must match
-        self.batches_per_epoch = batches_per_epoch  # the same on every process
+        self.fingerprint = fingerprint  # settings a restored state must match (not the process layout)
+        self.batches_per_epoch = batches_per_epoch  # global batches per epoch, the same on every process
         self._worker_count, self._buffer = worker_count, buffer
+        self._agree = agree  # host batch -> the batch padded to the shapes all processes agree on
         self._position = 0  # batches handed out so far
         self._iterator = self._iterate_from(0)
 
@@ -127,17 +141,28 @@ class Loader:
     def __next__(self) -> Any:
         batch = next(self._iterator)
         self._position += 1
-        return batch
+        return batch if self._agree is None else self._agree(batch)
 
     def state(self) -> dict:
         """The position in the stream, as JSON-serializable data; save it with the train state."""
         return {"batches_consumed": self._position, "fingerprint": json.loads(json.dumps(self.fingerprint))}
 
     def restore(self, state: Mapping[str, Any]) -> None:
-        """Continues from a `state()` of a loader built with the same settings."""
-        if dict(state.get("fingerprint", {})) != self.fingerprint:
-            raise ValueError(
-                f"loader state was saved with settings {state.get('fingerprint')}, this loader has {self.fingerprint}"
+        """Continues from a `state()` of a loader built with the same settings (any process layout)."""
+        saved = dict(state.get("fingerprint", {}))
+        if saved != self.fingerprint:
+            keys = sorted(set(saved) | set(self.fingerprint))
+            diff = [
+                f"{k} (saved {saved.get(k, '<missing>')!r}, now {self.fingerprint.get(k, '<missing>')!r})"
+                for k in keys
+                if saved.get(k, "<missing>") != self.fingerprint.get(k, "<missing>")
+            ]
+            raise LoaderStateError(
+                "data loader: the checkpoint's data position was saved with other settings: " + "; ".join(diff) + ". "
+                "Its batch count would not point at the batches this run would have seen. Resume with the data "
+                "settings that wrote it, or start a fresh --workdir from its weights (GRPO: "
+                "--config.init_checkpoint=<that workdir>; SFT: export it with configs/export.py, then "
+                "--config.model.model_path=<the export>)."
             )
         self.close()
         self._position = int(state["batches_consumed"])
@@ -163,10 +188,12 @@ def make_loader(
     weights: Sequence[float] | None = None,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
+    padding: Padding | None = None,
     process_index: int | None = None,
     process_count: int | None = None,
 ) -> Loader:
-    """A resumable loader of collated host batches (this process's `batch_size / process_count` records).
+    """A resumable loader of collated host batches: this process's `batch_size / process_count` rows of each
+    global batch (the module docstring says which rows; the global sequence does not depend on the layout).
 
     sources: one random-access source, or several (see the module docstring for how they mix).
     batch_size: the global batch size over all processes.
@@ -176,6 +203,8 @@ def make_loader(
         over at the end of an epoch, fewer than a batch, start the next one).
     weights: with several sources in single-dataset mode, the share of batches drawn from each
         (default: proportional to size).
+    padding: for a collate producing `Batch`es (alone or inside a tuple): how it pads, so that with several
+        processes every batch is re-padded to the sizes all processes agree on (`agree_on_shapes`).
     """
     many = isinstance(sources, (list, tuple))
     sources = list(sources) if many else [sources]
@@ -189,31 +218,36 @@ def make_loader(
     if num_epochs is not None and num_epochs < 1:
         raise ValueError(f"num_epochs must be None or >= 1, got {num_epochs}")
     collate = collate or default_collate
-    shards = [_shard(s, process_index, process_count) for s in sources]
     seed = int(seed) % 2**32
 
-    def records(ds: grain.MapDataset, source_seed: int, epochs: int | None) -> grain.MapDataset:
+    def local_batches(ds: grain.MapDataset, source_seed: int, epochs: int | None) -> grain.MapDataset:
+        """This process's part of every global batch of `ds` (lazy: only its own records are read)."""
         if shuffle:
             ds = ds.shuffle(seed=source_seed)
         ds = ds.repeat(epochs)
-        return ds.map(transform) if transform is not None else ds
+        if transform is not None:
+            ds = ds.map(transform)
+        parts = ds.batch(local_batch, drop_remainder=True, batch_fn=collate)  # part q of global batch q // P
+        if process_count == 1:
+            return parts
+        if epochs is not None:
+            parts = parts[: len(parts) // process_count * process_count]  # whole global batches only
+        return parts[process_index::process_count]
 
-    if len(shards) == 1 or not single_dataset_batches:
-        ds = shards[0] if len(shards) == 1 else grain.MapDataset.concatenate(shards)
-        batches_per_epoch = len(ds) // local_batch
+    datasets = [grain.MapDataset.source(s) for s in sources]
+    if len(datasets) == 1 or not single_dataset_batches:
+        ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.concatenate(datasets)
+        batches_per_epoch = len(ds) // batch_size
         if batches_per_epoch == 0:
-            raise ValueError(f"{len(ds)} records per process cannot fill one batch of {local_batch}")
-        ds = records(ds, seed, num_epochs).batch(local_batch, drop_remainder=True, batch_fn=collate)
+            raise ValueError(f"{len(ds)} records cannot fill one global batch of {batch_size}")
+        ds = local_batches(ds, seed, num_epochs)
     else:
-        per_epoch = [len(s) // local_batch for s in shards]
+        per_epoch = [len(s) // batch_size for s in datasets]
         if min(per_epoch) == 0:
-            raise ValueError(f"every source needs at least {local_batch} records per process, got {per_epoch}")
+            raise ValueError(f"every source needs at least batch_size={batch_size} records, got sizes {per_epoch}")
         batches_per_epoch = sum(per_epoch)
         counts = per_epoch if weights is None else _allocate(batches_per_epoch, weights)
-        batched = [
-            records(s, (seed + 7919 * (i + 1)) % 2**32, None).batch(local_batch, drop_remainder=True, batch_fn=collate)
-            for i, s in enumerate(shards)
-        ]
+        batched = [local_batches(s, (seed + 7919 * (i + 1)) % 2**32, None) for i, s in enumerate(datasets)]
         ds = grain.MapDataset.select_from_datasets(batched, _BlockMixMap(counts, seed, shuffle, num_epochs))
     fingerprint = {
         "sizes": [len(s) for s in sources],
@@ -223,9 +257,87 @@ def make_loader(
         "num_epochs": num_epochs,
         "single_dataset_batches": single_dataset_batches,
         "weights": None if weights is None else [float(w) for w in weights],
-        "process": [process_index, process_count],
     }
-    return Loader(ds, fingerprint, batches_per_epoch, worker_count, worker_buffer_size)
+    agree = functools.partial(agree_on_shapes, padding=padding) if padding is not None and process_count > 1 else None
+    return Loader(ds, fingerprint, batches_per_epoch, worker_count, worker_buffer_size, agree)
+
+
+# ---- one global shape: every process pads to the buckets all processes agree on ----
+
+
+@dataclasses.dataclass(frozen=True)
+class Padding:
+    """How a collate padded its `Batch`es: the token side and the pad token id (`Processor.collate`'s settings)."""
+
+    side: str = "right"  # "right" (training) or "left" (generation prompts: every prompt ends at T - 1)
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.side not in ("right", "left"):
+            raise ValueError(f"Padding.side must be 'right' or 'left', got {self.side!r}")
+
+
+def bucket_sizes(batch: Batch) -> tuple[int, int, int]:
+    """(T tokens, P patch rows, M image slots): the bucket sizes a collated Batch was padded to."""
+    return int(batch.input_ids.shape[1]), int(batch.pixel_values.shape[1]), int(batch.image_grid_thw.shape[1])
+
+
+def pad_batch(batch: Batch, tokens: int, patches: int, images: int, padding: Padding) -> Batch:
+    """`batch` re-padded to larger bucket sizes, identical to what `Processor.collate` builds at those sizes: pad
+    tokens on `padding.side`, zero patch rows (their window index continues the identity, segment id 0) and zero
+    image slots. The real tokens' M-RoPE positions and rope deltas do not depend on padding."""
+    have = bucket_sizes(batch)
+    if tokens < have[0] or patches < have[1] or images < have[2]:
+        raise ValueError(f"pad_batch: sizes {(tokens, patches, images)} are smaller than the batch's {have}")
+    extra_t, extra_p, extra_m = tokens - have[0], patches - have[1], images - have[2]
+    token_pad = (extra_t, 0) if padding.side == "left" else (0, extra_t)
+
+    def pad(x: np.ndarray, axis: int, width: tuple[int, int], value) -> np.ndarray:
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = width
+        return np.pad(np.asarray(x), widths, constant_values=value)
+
+    rows = np.broadcast_to(np.arange(have[1], patches, dtype=np.int32), (batch.batch_size, extra_p))  # [B, extra]
+    padded = dict(
+        input_ids=pad(batch.input_ids, 1, token_pad, padding.pad_token_id),  # [B, T]
+        attention_mask=pad(batch.attention_mask, 1, token_pad, False),
+        position_ids=pad(batch.position_ids, 2, token_pad, 0),  # [3, B, T]
+        loss_mask=pad(batch.loss_mask, 1, token_pad, False),
+        image_feature_index=pad(batch.image_feature_index, 1, token_pad, -1),
+        pixel_values=pad(batch.pixel_values, 1, (0, extra_p), 0.0),  # [B, P, D_patch]
+        vision_pos_ids=pad(batch.vision_pos_ids, 1, (0, extra_p), 0),  # [B, P, 2]
+        window_index=np.concatenate([np.asarray(batch.window_index), rows], axis=1).astype(np.int32),  # [B, P]
+        window_segment_ids=pad(batch.window_segment_ids, 1, (0, extra_p), 0),
+        full_segment_ids=pad(batch.full_segment_ids, 1, (0, extra_p), 0),
+        image_grid_thw=pad(batch.image_grid_thw, 1, (0, extra_m), 0),  # [B, M, 3]
+    )
+    unknown = {f.name for f in dataclasses.fields(batch)} - set(padded) - {"rope_deltas"}
+    if unknown:  # a new Batch field: fail loudly rather than give processes different shapes
+        raise NotImplementedError(f"data/pipeline.py pad_batch: no padding rule for Batch fields {sorted(unknown)}")
+    return batch.replace(**padded)
+
+
+def _process_allgather(sizes: np.ndarray) -> np.ndarray:
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(sizes))  # [processes, ...]
+
+
+def agree_on_shapes(item: Any, padding: Padding, gather: Callable[[np.ndarray], np.ndarray] | None = None) -> Any:
+    """`item` (a Batch, or a pytree holding Batches, e.g. (Batch, extras)) with every Batch re-padded to the largest
+    bucket sizes over all processes. `gather` (default: one `process_allgather`, a collective every process must
+    call) maps this process's [n, 3] sizes to everyone's [processes, n, 3]."""
+    is_batch = lambda x: isinstance(x, Batch)  # noqa: E731
+    leaves, treedef = jax.tree.flatten(item, is_leaf=is_batch)
+    where = [i for i, leaf in enumerate(leaves) if is_batch(leaf)]
+    if not where:
+        return item
+    mine = np.asarray([bucket_sizes(leaves[i]) for i in where], np.int32)  # [n, 3]
+    agreed = np.asarray((gather or _process_allgather)(mine)).reshape(-1, *mine.shape).max(axis=0)  # [n, 3]
+    for row, i in enumerate(where):
+        if tuple(agreed[row]) != tuple(mine[row]):
+            leaves[i] = pad_batch(leaves[i], *(int(v) for v in agreed[row]), padding)
+    return jax.tree.unflatten(treedef, leaves)
 
 
 def _allocate(total: int, weights: Sequence[float]) -> list[int]:
