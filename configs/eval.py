@@ -7,10 +7,11 @@
 
 Variants: `tiny` (the default: the embedded tiny random model, model.model_path "embedded:tiny", unless
 --config.checkpoint is given, on 64 images of the synthetic test split), `koniq_cross` (KonIQ-trained, cross-dataset:
-the DeQA-Score protocol), `kadid` (KADID-trained: the VisualQuality-R1 / PreResQ-R1 protocol) and `vqa` (PreResQ-R1's
+the DeQA-Score protocol), `kadid` (KADID-trained: the VisualQuality-R1 / PreResQ-R1 protocol), `vqa` (PreResQ-R1's
 VQA protocol, LSVQ-trained: KoNViD-1k, LIVE-VQC and YouTube-UGC whole, LSVQ test and test_1080p; videos sampled as
-data.video says, the PreResQ-R1 prompt and five ratings). The protocol variants read built tfds datasets from
---config.data.data_dir (`qponder_jax.data.datasets.build`). Results go to
+data.video says, PreResQ-R1's video prompt and its two ratings) and `vqa_tiny` (the embedded tiny random model on
+the synthetic VQA test split, built into <workdir>/data/tfds when data.data_dir lacks it). The protocol variants
+read built tfds datasets from --config.data.data_dir (`qponder_jax.data.datasets.build`). Results go to
 <workdir>/<name>/.
 """
 
@@ -23,7 +24,7 @@ import ml_collections  # noqa: E402
 
 from configs import common, preresq  # noqa: E402
 
-VARIANTS = ("tiny", "koniq_cross", "kadid", "vqa")
+VARIANTS = ("tiny", "koniq_cross", "kadid", "vqa", "vqa_tiny")
 VQA_DATASETS = "konvid1k:all,live_vqc:all,youtube_ugc:all,lsvq:test,lsvq:test_1080p"  # the `vqa` variant's sets
 
 
@@ -49,7 +50,8 @@ def score(**overrides) -> ml_collections.ConfigDict:
 
 def data(**overrides) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    c.data_dir = ""  # tfds folder of the built IQA datasets (not needed for "synthetic")
+    c.data_dir = ""  # tfds folder of the built IQA / VQA datasets (not needed for "synthetic"; "synthetic_vqa" is
+    # built into <workdir>/data/tfds when this folder lacks it)
     c.batch_size = 8  # images per forward pass / generate call (global, over all devices)
     c.max_images = 0  # evaluate only the first N images of each dataset (0 = all)
     c.synthetic_size = 0  # images in the synthetic split (0 = its default size, 256 for test)
@@ -77,13 +79,19 @@ def get_config(arg: str | None = None):
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
     config.checkpoint = ""  # HF folder or orbax training workdir to evaluate; "" = model.model_path (tiny if "")
     config.step = -1  # checkpoint step of an orbax workdir (-1 = the latest)
-    config.protocol = {"tiny": "synthetic"}.get(variant, variant)  # preset datasets + table notes; "custom"
+    config.protocol = {"tiny": "synthetic", "vqa_tiny": "synthetic_vqa"}.get(variant, variant)  # datasets + notes
     config.datasets = ""  # comma-separated "name:split" specs overriding the protocol's list ("" = the protocol's)
-    if variant == "tiny":
+    if variant in ("tiny", "vqa_tiny"):
         # the model evaluated when checkpoint is "" (and the base of an orbax checkpoint whose run does not say)
         config.model = common.model(model_path="embedded:tiny")
         config.data = data(max_images=64, max_pixels=84 * 84, token_buckets=(128, 160, 192, 256), patch_buckets=(64,))
         config.score = score(max_new_tokens=48, num_samples=2)
+        if variant == "vqa_tiny":  # configs/preresq.py:vqa_tiny's prompt and video sampling
+            config.score.update(prompt="preresq_r1_video", num_ratings=2, pad_with_first=True)
+            config.data.image_buckets = (3,)  # vision slots: the clip and its two crops
+            config.data.min_pixels, config.data.max_pixels = 28 * 28, 56 * 56  # crops of 32-48 pixels: <= 16 patches
+            config.data.token_buckets = (256,)
+            config.data.video = preresq.video(num_frames=4, global_max_pixels=56 * 56, num_crops=2, crop_size=56)
     else:
         config.model = common.model(dtype="bfloat16")  # base HF folder of an orbax checkpoint ("" = the run's own)
         config.data = data(batch_size=32, max_pixels=448 * 448, patch_buckets=(256, 1024))
@@ -91,9 +99,10 @@ def get_config(arg: str | None = None):
         if variant == "kadid":
             config.score.prompt = "visualquality_r1"
         if variant == "vqa":
-            config.protocol = "custom"  # the sets are named in config.datasets
-            config.datasets = VQA_DATASETS
-            config.score.update(prompt="preresq_r1", num_ratings=5, pad_with_first=True)
-            config.data.image_buckets = (3,)  # the three key-frame crops
+            config.datasets = VQA_DATASETS  # = the vqa protocol's sets (evaluation/report.py), listed to override
+            config.score.update(prompt="preresq_r1_video", num_ratings=2, pad_with_first=True)  # global, local
+            config.data.image_buckets = (4,)  # vision slots: the clip and its three key-frame crops
+            config.data.patch_buckets = (4096, 8192)  # as configs/preresq.py:vqa_7b (16 frames + 3 crops of 448)
+            config.data.token_buckets = (1536, 2048, 2560)
             config.data.video = preresq.video()  # how each video is sampled (VideoSampling fields)
     return config.lock()

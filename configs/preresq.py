@@ -14,18 +14,19 @@ ranking terms compare images within a batch, so every batch comes from one datas
 from the base Qwen2.5-VL-Instruct HF folder, as the paper does (init_checkpoint), and read KADID-10k from
 data.data_dir (`qponder_jax.data.datasets.build("kadid10k", ...)`, split by reference image 6:2:2, seed 42).
 
-VQA variants (PreResQ-R1 carries the same reward to video): `vqa_tiny` (the synthetic VQA set, built into
-data.data_dir with `datasets.build("synthetic_vqa", None, data_dir)`; the embedded tiny model, or
+VQA variants (PreResQ-R1 carries the same reward to video): `vqa_tiny` (the synthetic VQA set from data.data_dir,
+else built into <workdir>/data/tfds, nothing downloaded; the embedded tiny model, or
 --config.init_checkpoint=runs/preresq_tiny to continue the tiny image run) and `vqa_7b` (LSVQ's train split,
 28,056 videos, from the image run's HF export, init_checkpoint):
     qponder --config=configs/export.py --workdir=runs/preresq_7b_export --config.checkpoint=runs/preresq_7b
     qponder --config=configs/preresq.py:vqa_7b --workdir=runs/preresq_vqa_7b --config.data.data_dir=/data/tfds
 `data.video` holds the `qponder_jax.data.video.VideoSampling` fields: the two-stream layout (a global clip of
-frames sampled over the whole video, downscaled, plus high-resolution key-frame crops given as images). From
-PreResQ-R1's public VQA script: 5 rollouts, 5 prompts (25 completions) per GPU, 2 epochs, the vision tower
-trained (data.batch_size 40 = 5 prompts on each of 8 devices; they used 4 GPUs). Ours, not theirs: 1 frame per
-second (4-16 frames), 3 crops of 448 pixels, the image prompt and its five ratings (their video prompt asks for a
-global and a local score).
+frames sampled over the whole video, downscaled, plus high-resolution key-frame crops given as images; the video
+and its crops fill num_crops + 1 vision slots, data.image_buckets). From PreResQ-R1's public VQA script: 5
+rollouts, 5 prompts (25 completions) per GPU, 2 epochs, the vision tower trained (data.batch_size 40 = 5 prompts on
+each of 8 devices; they used 4 GPUs), their video question (prompt "preresq_r1_video", adapted to a video global
+stream: see qponder_jax/prompts.py) and its two ratings, global and local (score_numbers 2; their reward's
+balance term looks at both). Ours, not theirs: 1 frame per second (4-16 frames), 3 crops of 448 pixels.
 
 Conventions as configs/qponder.py, except the advantage eps: 1e-4 with the unbiased std (VisualQuality-R1's
 codebase, which PreResQ-R1 builds on). KL: k3; aggregation: token-mean; clip 0.2.
@@ -83,15 +84,24 @@ def video(**overrides) -> ml_collections.ConfigDict:
 
 def vqa(config: ml_collections.ConfigDict, size: str) -> None:
     """Turns the image config of `size` into its VQA variant, in place."""
+    config.data.prompt = "preresq_r1_video"  # PreResQ-R1's video question: two ratings, global and local
+    config.grpo.score_numbers = 2  # the score is the mean of the global and the local rating
+    config.rewards.preresq.balance_dims = 2  # the balance term compares both ratings (theirs: num_element_dims 2)
     if size == "tiny":
-        config.data.datasets = "synthetic_vqa:train"
-        config.data.image_buckets = (2,)  # the two crops
+        config.data.datasets = "synthetic_vqa:train"  # built into <workdir>/data/tfds when data.data_dir lacks it
+        config.data.image_buckets = (3,)  # vision slots: the clip and its two crops
+        config.data.min_pixels, config.data.max_pixels = 28 * 28, 56 * 56  # crops of 32-48 pixels: <= 16 patches
+        config.data.token_buckets = (256,)  # the video question and its 3 slots: 189-199 tokens
         config.data.video = video(num_frames=4, global_max_pixels=56 * 56, num_crops=2, crop_size=56)
         return
     config.init_checkpoint = f"runs/preresq_{size}_export/hf"  # the image run's HF export (see the docstring)
     config.data.datasets = "lsvq:train"
     config.data.batch_size = 40  # 5 prompts x 5 rollouts = 25 completions per device on 8 devices
-    config.data.image_buckets = (3,)  # the three crops
+    config.data.image_buckets = (4,)  # vision slots: the clip and its three crops
+    # 16 global frames of at most 224 x 224 are resized up to Qwen's 128 * 28 * 28 video minimum: <= 4608 patch rows,
+    # plus 3 crops of 1024 (448 x 448); about 1600-2100 tokens with the question
+    config.data.patch_buckets = (4096, 8192)
+    config.data.token_buckets = (1536, 2048, 2560)
     config.data.video = video()
     config.grpo.num_generations = 5
     config.grpo.num_minibatches = 4

@@ -2,13 +2,14 @@
 
 Every `tiny` config variant runs on a fresh machine with nothing downloaded: `model.model_path = "embedded:tiny"`
 builds the demo tokenizer and a tiny random Qwen2.5-VL, saved as a Hugging Face folder in `<workdir>/tiny_model`
-(once; later runs and resumes reuse it). Real variants name a local HF folder and get a clear error when it is
-missing.
+(once; later runs and resumes reuse it), with small image and video pixel limits so that tiny clips are a few
+tokens. Real variants name a local HF folder and get a clear error when it is missing.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -24,6 +25,10 @@ from qponder_jax.model.qwen2_5_vl import Qwen25VL
 EMBEDDED_TINY = "embedded:tiny"  # model.model_path value selecting the embedded tiny random model
 TINY_MODEL_DIR = "tiny_model"
 _HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+VIDEO_CONFIG_FILE = "video_preprocessor_config.json"
+# The tiny model's video processor: frames resized to 28*56 .. 56*56 pixels, so a clip of F frames is at most
+# F/2 * 16 patch rows (F/2 * 4 <|video_pad|> tokens) and tiny clips stay a few tokens (`Processor.from_pretrained`).
+TINY_VIDEO_MIN_PIXELS, TINY_VIDEO_MAX_PIXELS = 28 * 56, 56 * 56
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -69,6 +74,8 @@ def _build_tiny_model(out: Path, seed: int) -> None:
     from qponder_jax.model.qwen2_5_vl import create_model
 
     if (out / "config.json").is_file() and any((out / w).is_file() for w in _HF_WEIGHTS):
+        if not (out / VIDEO_CONFIG_FILE).is_file():  # a folder built before the video config existed
+            write_tiny_video_config(out)
         return
     staging = out.with_name(out.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -76,9 +83,37 @@ def _build_tiny_model(out: Path, seed: int) -> None:
     config = demo_model_config(tok_dir)
     model = create_model(config, rngs_seed=seed)
     save_hf(model, config, staging / "hf", tokenizer_dir=tok_dir)
+    write_tiny_video_config(staging / "hf")
     shutil.rmtree(out, ignore_errors=True)
     (staging / "hf").rename(out)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def write_tiny_video_config(folder: str | Path) -> Path:
+    """Writes the tiny model's `video_preprocessor_config.json` (transformers' Qwen2VLVideoProcessor keys) to
+    `folder`; returns its path."""
+    from qponder_jax.data.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+    size = {"shortest_edge": TINY_VIDEO_MIN_PIXELS, "longest_edge": TINY_VIDEO_MAX_PIXELS}
+    content = {
+        "video_processor_type": "Qwen2VLVideoProcessor",
+        "min_pixels": TINY_VIDEO_MIN_PIXELS,
+        "max_pixels": TINY_VIDEO_MAX_PIXELS,
+        "size": size,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "resample": 3,  # bicubic
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_resize": True,
+        "do_rescale": True,
+        "do_normalize": True,
+        "do_convert_rgb": True,
+    }
+    path = Path(folder) / VIDEO_CONFIG_FILE
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path
 
 
 def resolve_model_dir(model_cfg: Mapping, workdir: str | Path) -> tuple[Path, Path]:

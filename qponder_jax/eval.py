@@ -1,4 +1,5 @@
-"""The `eval` job: score IQA datasets with a checkpoint and report SRCC / PLCC / KRCC / MAE and description checks.
+"""The `eval` job: score IQA and VQA datasets with a checkpoint and report SRCC / PLCC / KRCC / MAE and description
+checks.
 
     qponder --config=configs/eval.py:tiny --workdir=runs/eval_tiny
     qponder --config=configs/eval.py:koniq_cross --workdir=runs/eval --config.checkpoint=runs/qponder_7b \
@@ -6,9 +7,11 @@
 
 The model is an HF folder or an orbax training workdir (`export.load_checkpoint`). Score modes
 (`evaluation/scoring.py`): "greedy", "sample_mean" (mean over N samples at a temperature) and "level" (Q-Align level
-scoring, no decoding). Outputs in `<workdir>/<name>/`: report.json, table.md (also printed), predictions/<set>.jsonl
-(one line per image) and plots/<set>.png (predicted score against MOS). Every metric in the report is recomputable
-from the predictions (`evaluation.report.metrics_from_predictions`).
+scoring, no decoding). Video records (the VQA sets) are decoded and sampled as `data.video` says and prompted with
+the clip, its key-frame crops and the text (`train.video_inputs`); an undecodable video or image is skipped and listed
+in the report (or raises with data.strict_images). Outputs in `<workdir>/<name>/`: report.json, table.md (also
+printed), predictions/<set>.jsonl (one line per image or video) and plots/<set>.png (predicted score against MOS).
+Every metric in the report is recomputable from the predictions (`evaluation.report.metrics_from_predictions`).
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from absl import logging
 from qponder_jax import prompts
 from qponder_jax.data.datasets import ImageError, SyntheticIQA, decode_image
 from qponder_jax.data.processing import Buckets, Processor
+from qponder_jax.data.video import VideoError, VideoSampling, load_video_inputs
 from qponder_jax.errors import ConfigError
 from qponder_jax.evaluation import descriptions, scoring
 from qponder_jax.evaluation import report as reporting
 from qponder_jax.metrics import iqa_metrics
 from qponder_jax.model import sharding
+from qponder_jax.train import video_inputs
 
 MODES = ("greedy", "sample_mean", "level")
 
@@ -55,7 +60,8 @@ class EvalSettings:
     batch_size: int = 8
     max_images: int = 0  # per dataset; 0 = all
     seed: int = 0
-    strict_images: bool = False  # raise on an undecodable image instead of skipping and counting it
+    strict_images: bool = False  # raise on an undecodable image or video instead of skipping and counting it
+    video: VideoSampling | None = None  # how video records are sampled (config data.video; None = the defaults)
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -74,20 +80,33 @@ class EvalSettings:
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in dict(score).items() if k in names}
         kwargs.update({k: data[k] for k in ("batch_size", "max_images", "strict_images") if k in data})
+        if "video" in data:
+            kwargs["video"] = video_inputs.sampling_from(data)
         return cls(**kwargs)
 
 
 def _records(source, settings: EvalSettings, spec: str):
-    """Yields (index, record, PIL image) of the first max_images records; undecodable images are skipped + logged."""
+    """Yields (index, record, inputs) of the first max_images records: inputs is the PIL image, or (clip, crops) of a
+    video record, or None for an undecodable image or video (skipped and logged with its name or path)."""
     n = len(source) if not settings.max_images else min(len(source), settings.max_images)
+    sampling = settings.video or VideoSampling()
     for i in range(n):
         record = source[i]
+        name = video_inputs.record_name(record)
         try:
-            yield i, record, decode_image(record["image"])
+            if video_inputs.is_video_record(record):
+                yield i, record, load_video_inputs(record["video_path"], sampling)
+            else:
+                yield i, record, decode_image(record["image"])
+        except VideoError as e:
+            if settings.strict_images:
+                raise
+            logging.warning("%s: skipping video %d (%s): %s", spec, i, e.path, e.reason)
+            yield i, record, None
         except (OSError, ValueError) as e:
             if settings.strict_images:
-                raise ImageError(f"{spec}[{i}] {record.get('image_name', '')}", str(e)) from e
-            logging.warning("%s: skipping image %d (%s): %s", spec, i, record.get("image_name", ""), e)
+                raise ImageError(f"{spec}[{i}] {name}", str(e)) from e
+            logging.warning("%s: skipping image %d (%s): %s", spec, i, name, e)
             yield i, record, None
 
 
@@ -103,9 +122,10 @@ def _batches(items, size: int):
 
 
 def _base_row(index: int, record: dict) -> dict:
+    name_key = "video_name" if video_inputs.is_video_record(record) else "image_name"
     return {
         "index": index,
-        "image_name": record.get("image_name", ""),
+        name_key: record.get(name_key, ""),
         "dataset": record.get("dataset", ""),
         "mos": float(record["mos"]),
         "distortion_type": record.get("distortion_type", ""),
@@ -180,14 +200,11 @@ def evaluate_source(
     text = settings.level_prompt if level else settings.user_text
     key = jax.random.fold_in(jax.random.key(settings.seed), seed_offset)
     for batch_index, items in enumerate(_batches(_records(source, settings, spec), settings.batch_size)):
-        good = [(i, r, img) for i, r, img in items if img is not None]
-        skipped += [{"index": i, "image_name": r.get("image_name", "")} for i, r, img in items if img is None]
+        good = [(i, r, inputs) for i, r, inputs in items if inputs is not None]
+        skipped += [_skipped_row(i, r) for i, r, inputs in items if inputs is None]
         if not good:
             continue
-        examples = [
-            proc.encode(prompts.image_messages(text), [img], add_generation_prompt=True, example_id=f"{spec}[{i}]")
-            for i, _, img in good
-        ]
+        examples = [_encode(proc, text, record, inputs, f"{spec}[{i}]") for i, record, inputs in good]
         if level:  # the answer prefix follows the assistant header; the level word would come next
             examples = [scoring.append_tokens(ex, prefix_ids) for ex in examples]
         batch = proc.collate(examples, padding_side="left", batch_size=settings.batch_size)
@@ -202,11 +219,25 @@ def evaluate_source(
     return rows, _summarize(rows, checks, sample_scores, skipped, settings, level_info)
 
 
+def _encode(proc: Processor, text: str, record: dict, inputs, example_id: str):
+    """The generation prompt of one record: image + text, or video + key-frame crops + text."""
+    if video_inputs.is_video_record(record):
+        clip, crops = inputs
+        return video_inputs.encode_video_prompt(proc, text, clip, crops, example_id=example_id)
+    return proc.encode(prompts.image_messages(text), [inputs], add_generation_prompt=True, example_id=example_id)
+
+
+def _skipped_row(index: int, record: dict) -> dict:
+    if video_inputs.is_video_record(record):
+        return {"index": index, "video_name": record.get("video_name", ""), "path": record["video_path"]}
+    return {"index": index, "image_name": record.get("image_name", "")}
+
+
 def _summarize(rows, checks, sample_scores, skipped, settings: EvalSettings, level_info) -> dict:
     pred, mos = reporting.score_arrays(rows) if rows else (np.zeros(0), np.zeros(0))
     summary: dict[str, Any] = iqa_metrics(pred, mos).as_dict() if rows else {}
-    summary["images"] = len(rows)
-    summary["skipped_images"] = skipped
+    summary["images"] = len(rows)  # records scored (images or videos)
+    summary["skipped_images"] = skipped  # undecodable records (images or videos), not scored
     if settings.mode == "level":
         summary["level_tokens"] = level_info
     else:
@@ -246,7 +277,8 @@ def evaluate(
             reporting.scatter_plot(out / "plots" / f"{stem}.png", pred, mos, title=f"{title}: {spec}")
         logging.info("%s: %s", spec, {k: summary.get(k) for k in ("srcc", "plcc", "parse_failure_rate", "images")})
     mode_note = {
-        "greedy": "Scores: greedy decoding; the answer's number.",
+        "greedy": "Scores: greedy decoding; the answer's number"
+        + (f"s (the mean of the first {settings.num_ratings})." if settings.num_ratings > 1 else "."),
         "sample_mean": f"Scores: mean over {settings.num_samples} samples at temperature {settings.temperature}.",
         "level": f"Scores: Q-Align level scoring after {settings.level_prefix!r} (softmax over the five level tokens, "
         "dotted with 1..5).",
@@ -286,11 +318,14 @@ def dataset_specs(config) -> tuple[str, ...]:
     return specs
 
 
-def open_source(spec: str, data: Mapping):
-    """A random-access source for "name:split" ("synthetic:test", "koniq10k:test", "csiq" = all of CSIQ)."""
+def open_source(spec: str, data: Mapping, *, workdir: str | Path | None = None):
+    """A random-access source for "name:split" ("synthetic:test", "koniq10k:test", "csiq" = all of CSIQ, "lsvq:test").
+    "synthetic_vqa" missing from data.data_dir (or with no data_dir) is built into `<workdir>/data/tfds` first."""
     from qponder_jax.data import datasets
 
     name, _, split = spec.partition(":")
+    if name in datasets.VIDEO_DATASETS:
+        return datasets.load(name, split or "all", data_dir=video_inputs.video_data_dir(name, data, workdir))
     if name == "synthetic":
         return SyntheticIQA(
             split or "test",
@@ -326,7 +361,7 @@ def run(config, workdir: str | Path) -> dict:
 
     workdir = Path(workdir)
     settings = EvalSettings.from_config(config.score, config.data)
-    sources = {spec: open_source(spec, config.data) for spec in dataset_specs(config)}  # fail fast, before the model
+    sources = {spec: open_source(spec, config.data, workdir=workdir) for spec in dataset_specs(config)}  # fail fast
     mesh = sharding.make_mesh(tuple(config.mesh))
     loaded = load_checkpoint(config.checkpoint, model_cfg=config.model, workdir=workdir, mesh=mesh, step=config.step)
     proc = make_processor(loaded.tokenizer_dir, config.data)

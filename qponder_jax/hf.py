@@ -45,6 +45,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "preprocessor_config.json",
+    "video_preprocessor_config.json",
+    "processor_config.json",
     "added_tokens.json",
 )
 # key prefixes of the text model and the vision tower in each on-disk layout

@@ -37,6 +37,16 @@ PRERESQ_R1 = (
     "5 represents excellent quality."
 )
 
+PRERESQ_R1_VIDEO = (
+    "You are doing the video quality assessment task. Please compare the frames of the video and describe its "
+    "global multiframe quality in the temporal dimension and the global scene. Then compare and describe the local "
+    "single frame pictures that follow in five parts: saturation rating; granularity rating; sharpness rating; "
+    "foreground rating; and background rating. Finally, please rate two scores in the global multiframe and local "
+    "single frame dimension. All ratings should be floats between 1 and 5, rounded to two decimal places, where 1 "
+    "represents very poor quality and 5 represents excellent quality."
+)  # adapted from PreResQ-R1's VQA question (src/grpo_preres_VQA_r1.py): their global stream is a packed mosaic of
+# frames ("the internal packed video frames in the first picture"), ours is the video itself
+
 TEACHER = (
     "You are an expert in image quality assessment, writing a worked example for a student. Human raters gave "
     "this image a mean opinion score (MOS) of {mos:.2f} on a scale from 1 (very poor) to 5 (excellent). Use this "
@@ -52,6 +62,7 @@ PROMPTS = {
     "qponder": QPONDER,
     "visualquality_r1": f"{VISUALQUALITY_R1} {THINK_ANSWER_INSTRUCTION}",
     "preresq_r1": f"{PRERESQ_R1} {THINK_ANSWER_INSTRUCTION}",
+    "preresq_r1_video": f"{PRERESQ_R1_VIDEO} {THINK_ANSWER_INSTRUCTION}",  # two ratings: global, local
     "teacher": TEACHER,
 }
 

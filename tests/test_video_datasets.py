@@ -213,7 +213,7 @@ def test_vqa_config_variants():
         config = preresq.get_config(variant)
         sampling = VideoSampling.from_config(config.data.video)  # every field is a VideoSampling field
         assert sampling.layout == "two_stream" and config.variant == variant
-        assert config.data.image_buckets == (sampling.num_crops,)
+        assert config.data.image_buckets == (sampling.num_crops + 1,)  # the clip and its crops share slots
         assert config.data.batch_size * config.grpo.num_generations % config.grpo.num_minibatches == 0
         with pytest.raises(AttributeError):
             config.data.video.fsp = 1.0  # locked
@@ -226,4 +226,4 @@ def test_vqa_config_variants():
     specs = config.datasets.split(",")
     assert {s.split(":")[0] for s in specs} <= set(datasets.VIDEO_DATASETS)
     assert {"lsvq:test", "lsvq:test_1080p", "konvid1k:all", "live_vqc:all", "youtube_ugc:all"} == set(specs)
-    assert VideoSampling.from_config(config.data.video).num_crops == 3 and config.score.num_ratings == 5
+    assert VideoSampling.from_config(config.data.video).num_crops == 3 and config.score.num_ratings == 2

@@ -1,6 +1,7 @@
 """Description checks: measurable stand-ins for "description accuracy and reasonableness".
 
-For datasets that know each image's distortion (KADID-10k, CSIQ, TID2013, the synthetic set):
+For datasets that know each image's (or video's) distortion (KADID-10k, CSIQ, TID2013, the synthetic IQA and VQA
+sets):
 - **type named**: the reasoning names a category the distortion belongs to (`DISTORTION_CATEGORIES`), found with
   the synonym patterns of `CATEGORY_PATTERNS`; `other_categories` counts the categories it names that the
   distortion does not belong to (a response that lists every defect scores high on the first, and badly here);
@@ -41,6 +42,11 @@ CATEGORY_PATTERNS: dict[str, tuple[str, ...]] = {
     "patch": (r"patch(?:es)?", r"local (?:artifacts?|distortions?)", r"block[- ]wise"),
     "transmission": (r"transmission", r"corrupt(?:ed|ion)", r"glitch\w*", r"packet loss"),
     "chromatic": (r"chromatic aberrations?", r"colou?r fringing", r"fring(?:e|es|ing)"),
+    "stutter": (r"stutter\w*", r"judder\w*", r"choppy", r"jerky", r"(?:dropped|frozen|repeated|held) frames?",
+                r"frame (?:drops?|freez\w*|skipp\w*)", r"not smooth", r"lag(?:gy|ging)?"),
+    "flicker": (r"flicker\w*", r"(?:brightness|luminance|exposure) (?:fluctuat\w*|oscillat\w*|puls\w*)",
+                r"puls(?:ing|ating)", r"strob\w*"),
+    "shake": (r"shak(?:e|y|ing|iness)", r"wobbl\w*", r"unst(?:able|eady)", r"camera (?:motion|movement) jitter"),
 }  # fmt: skip
 
 _SYNTHETIC = {
@@ -76,9 +82,14 @@ _CSIQ = {
     "awgn": ("noise",), "jpeg": ("compression",), "jpeg2000": ("compression", "blur"), "fnoise": ("noise",),
     "blur": ("blur",), "contrast": ("contrast",),
 }  # fmt: skip
+_SYNTHETIC_VQA = {
+    "blur": ("blur",), "noise": ("noise",), "compression": ("compression",), "stutter": ("stutter",),
+    "flicker": ("flicker", "brightness"), "shake": ("shake", "geometric"),
+}  # fmt: skip
 # dataset name (the record's `dataset` field) -> distortion type -> the categories that name it
 DISTORTION_CATEGORIES: dict[str, dict[str, tuple[str, ...]]] = {
     "synthetic": _SYNTHETIC,
+    "synthetic_vqa": _SYNTHETIC_VQA,
     "kadid10k": _KADID,
     "tid2013": _TID2013,
     "csiq": _CSIQ,

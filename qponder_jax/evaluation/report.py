@@ -30,6 +30,16 @@ PROTOCOLS: dict[str, tuple[tuple[str, ...], str]] = {
         "reference image 6:2:2, seed 42); in-domain on its test split, cross-dataset on every image of the others.",
     ),
     "synthetic": (("synthetic:test",), "The synthetic IQA set's test split (procedural distortions, known MOS)."),
+    "vqa": (
+        ("konvid1k:all", "live_vqc:all", "youtube_ugc:all", "lsvq:test", "lsvq:test_1080p"),
+        "VQA protocol (PreResQ-R1): trained on LSVQ's train split (28,056 videos); in-domain on LSVQ test and "
+        "test_1080p, cross-dataset on every video of KoNViD-1k, LIVE-VQC and YouTube-UGC. Each video is sampled as "
+        "data.video says (two-stream: a low-resolution global clip plus high-resolution key-frame crops).",
+    ),
+    "synthetic_vqa": (
+        ("synthetic_vqa:test",),
+        "The synthetic VQA set's test split (procedural spatial and temporal distortions, known MOS).",
+    ),
     "custom": ((), "Datasets as configured."),
 }
 METRIC_NOTE = (

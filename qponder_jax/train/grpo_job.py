@@ -2,11 +2,12 @@
 
 Wiring only (the step is `grpo.GRPOStep`): the starting model (`init_checkpoint`: a Q-Ponder-CI HF folder or SFT
 workdir, else `model.model_path`) is loaded once; it initializes the policy on a fresh run and is the frozen
-reference when beta > 0 (also on resume). Prompts come from IQA sources ("name:split" specs, each batch drawn from a
-single source), encoded with the generation prompt and left-padded, with their normalized MOS. Checkpoints, resume,
-SIGTERM, non-finite handling and the train/ metrics are the SFT loop's (`loop.run_loop`); GRPO's own metrics (reward
-terms, zero-std groups, parse failures, KL, clipping, entropy, and the SRCC / PLCC of each prompt's mean score
-against MOS over the logging window) are written under `grpo/`, and a decoded completion every `sample_every` steps.
+reference when beta > 0 (also on resume). Prompts come from IQA or VQA sources ("name:split" specs, each batch drawn
+from a single source; videos decoded and sampled by `video_inputs`), encoded with the generation prompt and
+left-padded, with their normalized MOS. Checkpoints, resume, SIGTERM, non-finite handling and the train/ metrics
+are the SFT loop's (`loop.run_loop`); GRPO's own metrics (reward terms, zero-std groups, parse failures, KL,
+clipping, entropy, and the SRCC / PLCC of each prompt's mean score against MOS over the logging window) are written
+under `grpo/`, and a decoded completion every `sample_every` steps.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from qponder_jax import prompts
 from qponder_jax.errors import ConfigError
 from qponder_jax.metrics import iqa_metrics
-from qponder_jax.train import loop, optim
+from qponder_jax.train import loop, optim, video_inputs
 from qponder_jax.train import state as state_lib
 from qponder_jax.train.grpo import GRPOSettings, GRPOStep, RewardTerm, jit_grpo_step
 from qponder_jax.train.grpo_loss import LossConfig
@@ -70,7 +71,8 @@ def settings_from_config(config, *, stop_ids: tuple[int, ...], pad_id: int) -> G
 
 
 class EncodePrompt:
-    """IQA record -> (the prompt encoded with the generation prompt, {"mos": normalized MOS}); picklable."""
+    """IQA or VQA record -> (the prompt encoded with the generation prompt, {"mos": normalized MOS}); picklable.
+    A VQA record comes decoded (`video_inputs.DecodedVideos`): its clip, then its key-frame crops, then the text."""
 
     def __init__(self, processor, text: str):
         self.processor, self.text = processor, text
@@ -78,6 +80,9 @@ class EncodePrompt:
     def __call__(self, record: dict):
         from qponder_jax.data.datasets import decode_image
 
+        if video_inputs.is_video_record(record):
+            ex = video_inputs.encode_record(self.processor, self.text, record)
+            return ex, {"mos": np.float32(record["mos"])}
         name = record.get("image_name", "")
         try:
             image = decode_image(record["image"])
@@ -166,7 +171,7 @@ def run(config, workdir) -> loop.LoopResult:
     )
     parser = jax.device_put(parser, NamedSharding(mesh, PartitionSpec()))  # once, replicated
     text = d.prompt_text or prompts.prompt_text(d.prompt)
-    sources = [eval_lib.open_source(spec, d) for spec in dataset_specs(d)]
+    sources = [video_inputs.open_training_source(spec, d, workdir) for spec in dataset_specs(d)]  # videos decoded
     collate = pipeline.collate_pairs(functools.partial(proc.collate, padding_side="left"))
     data = pipeline.make_loader(
         sources if len(sources) > 1 else sources[0],
@@ -176,6 +181,7 @@ def run(config, workdir) -> loop.LoopResult:
         seed=d.seed,
         single_dataset_batches=True,
         worker_count=int(d.worker_count),
+        padding=pipeline.Padding("left", proc.pad_token_id),  # processes agree on each batch's buckets
     )
 
     graphdef, params, rest = state_lib.split_model(loaded.model)
