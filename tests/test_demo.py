@@ -145,11 +145,6 @@ def test_demo_runs_every_stage_and_a_rerun_reports_complete(demo_run):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 8 quality target not reached yet: the tiny demo model's test SRCC stays near 0 after SFT "
-    "(it learns the response format but not to read distortions from the image)",
-)
 def test_demo_quality_qponder_srcc_at_least_080_and_grpo_does_not_lower_it(demo_run):
     results = json.loads((demo_run[0] / "6_eval" / demo.DONE).read_text())["results"]
     ci, qp = results["qponder_ci"]["srcc"], results["qponder"]["srcc"]
