@@ -80,3 +80,136 @@ def test_memory_smoke_and_fit_validation(tmp_path, capsys):
         # the per-layer fit predicts a directly compiled (3, 3)-layer model's plan
         assert case["validation"]["relative_error"] < 0.1, case["validation"]
     assert "GiB/device" in printed
+
+
+# ---- the memory fixes the plan relies on: chunked log-probs, weights tied to their loop / layer ----
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_chunked_logprobs_equal_dense(temperature):
+    """Vocab 50 in chunks of 16 (the last one padded): same log-probs, entropies and gradients as dense logits."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from qponder_jax.train import grpo_loss as gl
+
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)  # [N, L, D]
+    w = jnp.asarray(rng.standard_normal((8, 50)), jnp.float32)  # [D, V]
+    tokens = jnp.asarray(rng.integers(0, 50, (3, 5)), jnp.int32)
+    weights = jnp.asarray(rng.standard_normal((3, 5)), jnp.float32)
+
+    def dense(h, w):
+        logits = jnp.einsum("nld,dv->nlv", h, w)
+        return gl.token_logprobs(logits, tokens, temperature), gl.token_entropy(logits, temperature)
+
+    chunked = lambda h, w: gl.chunked_token_logprobs(h, w, tokens, temperature, chunk=16)
+    (logp_d, ent_d), (logp_c, ent_c) = dense(hidden, w), jax.jit(chunked)(hidden, w)
+    np.testing.assert_allclose(logp_c, logp_d, atol=1e-5)
+    np.testing.assert_allclose(ent_c, ent_d, atol=1e-5)
+    assert float(jnp.max(jnp.abs(logp_d))) > 1.0  # non-trivial log-probs
+    grad = lambda f: jax.grad(lambda h, w: jnp.sum(f(h, w)[0] * weights), argnums=(0, 1))(hidden, w)
+    for got, want in zip(jax.jit(lambda: grad(chunked))(), grad(dense), strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_grpo_update_logprobs_equal_dense_model_logits():
+    """The GRPO update's log-probs (hidden states -> chunked head, completion positions only) equal the dense
+    `model(batch)` logits path for the completion tokens."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from qponder_jax.model.config import tiny_config
+    from qponder_jax.model.qwen2_5_vl import create_model
+    from qponder_jax.train import grpo as grpo_lib
+    from qponder_jax.train import grpo_loss as gl
+    from qponder_jax.train import state as state_lib
+
+    config = tiny_config()
+    model = create_model(config, rngs_seed=1)
+    graphdef, params, rest = state_lib.split_model(model)
+    settings = grpo_lib.GRPOSettings(max_new_tokens=6, logprob_chunk=100)  # vocab 512 -> 6 chunks, last padded
+    step = grpo_lib.GRPOStep(graphdef, rest, optax.sgd(0.0), optax.constant_schedule(0.0), {}, settings)
+    batch = _text_batch(config, rows=2, prompt=5, completion=6)
+    tokens = jnp.asarray(batch.input_ids[:, 5:])
+    mb = grpo_lib.Minibatch(batch=batch, tokens=tokens, mask=None, old_logp=None, advantages=None, ref_logp=None)
+    logp, entropy = jax.jit(lambda p: step._completion_logp(p, mb, 5))(params)
+    logits = gl.completion_logits(model(batch), 5)  # [2, 6, V]
+    np.testing.assert_allclose(logp, gl.token_logprobs(logits, tokens), atol=1e-5)
+    np.testing.assert_allclose(entropy, gl.token_entropy(logits), atol=1e-5)
+
+
+def _text_batch(config, rows: int, prompt: int, completion: int):
+    """A text-only batch of prompt + completion tokens (no image rows)."""
+    import numpy as np
+
+    from qponder_jax.data.batch import Batch
+
+    t = prompt + completion
+    rng = np.random.default_rng(3)
+    i32 = np.int32
+    empty = lambda *shape: np.zeros((rows, 0, *shape), i32)
+    return Batch(
+        input_ids=rng.integers(0, 400, (rows, t)).astype(i32), attention_mask=np.ones((rows, t), bool),
+        position_ids=np.broadcast_to(np.arange(t, dtype=i32), (3, rows, t)).copy(), rope_deltas=np.zeros(rows, i32),
+        loss_mask=np.ones((rows, t), bool), pixel_values=np.zeros((rows, 0, config.vision.patch_dim), np.float32),
+        image_grid_thw=np.zeros((rows, 0, 3), i32), vision_pos_ids=empty(2), window_index=empty(),
+        window_segment_ids=empty(), full_segment_ids=empty(), image_feature_index=np.full((rows, t), -1, i32),
+    )  # fmt: skip
+
+
+def test_layer_weight_all_gathers_stay_inside_a_loop():
+    """A loop that runs the decoder with invariant FSDP-sharded weights (the decode loop, the reference log-prob map,
+    gradient accumulation): every weight all-gather stays in the loop body. Without the per-layer tie, XLA hoists
+    them out and keeps every layer's unsharded weights live for the whole loop."""
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from qponder_jax.model import sharding
+    from qponder_jax.model.config import tiny_config
+    from qponder_jax.model.text import TextModel
+
+    config = tiny_config().text
+    mesh = sharding.make_mesh((1, 8, 1))
+    model = sharding.create_sharded(lambda: TextModel(config, rngs=nnx.Rngs(0)), mesh)
+    graphdef, state = nnx.split(model)
+    b, t = 8, 4
+
+    def run(state, x):
+        positions = jnp.broadcast_to(jnp.arange(t), (3, b, t))
+        body = lambda i, x: nnx.merge(graphdef, state)(x, positions, jnp.ones((b, t), jnp.int32))[0]
+        return jax.lax.fori_loop(0, 3, body, x)
+
+    x = jax.ShapeDtypeStruct((b, t, config.hidden_size), jnp.float32)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(run).lower(state, x).compile().as_text()
+    computations = re.split(r"\n(?=\S)", hlo)
+    entry = next(c for c in computations if c.startswith("ENTRY"))
+    gathers = [c for c in computations if "all-gather(" in c]
+    assert gathers, "the weights should be all-gathered (FSDP)"
+    assert "all-gather(" not in entry, "a weight all-gather was hoisted out of the loop"
+
+
+def test_sft_chunked_loss_equals_dense_model_logits():
+    """The SFT step's loss (hidden states -> chunked head) equals `next_token_loss` on `model(batch)`'s logits."""
+    import jax
+    import numpy as np
+
+    from qponder_jax.model.config import tiny_config
+    from qponder_jax.model.qwen2_5_vl import create_model
+    from qponder_jax.train import sft
+
+    config = tiny_config()
+    model = create_model(config, rngs_seed=2)
+    batch = _text_batch(config, rows=2, prompt=5, completion=6)
+    batch = batch.replace(loss_mask=np.arange(11)[None, :].repeat(2, 0) >= 4)
+    want = sft.next_token_loss(model(batch), batch.input_ids, batch.loss_mask)
+    got = jax.jit(lambda: sft.chunked_next_token_loss(model, batch, chunk=100))()
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    assert float(got[1]) == float(want[1]) == 14.0

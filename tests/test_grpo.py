@@ -300,7 +300,10 @@ def test_step_sharded_matches_single_device(cold_start, proc):
         outs[shape] = jax.device_get((state.params, metrics)) + (before,)
     (p1, m1, before), (p8, m8, _) = outs[(1, 1, 1)], outs[(2, 2, 2)]
     assert m1["finite"] and m8["finite"] and m1["format_rate"] > 0.3
-    assert 0.0 < m1["zero_std_fraction"] < 1.0  # some groups carry signal
+    # some groups carry signal (whether any group is all-equal is sampling luck: the demo tokenizer, trained on a
+    # corpus holding the prompts, changes when prompts.py does; zero-std masking is checked against the host reference
+    # in test_rewards_and_advantages_from_token_ids_in_one_jit)
+    assert m1["zero_std_fraction"] < 1.0
     np.testing.assert_array_equal(m1["sample_tokens"], m8["sample_tokens"])
     np.testing.assert_array_equal(m1["scores"], m8["scores"])
     for key in ("reward_mean", "reward/accuracy_mean", "advantage_abs_mean", "completion_length", "target_tokens"):

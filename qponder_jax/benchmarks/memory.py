@@ -75,11 +75,14 @@ MODELS: dict[str, Qwen25VLConfig] = {
 }
 # SFT: configs/qponder_ci.py (global batch 64, up to 1024 tokens, 1024 patches; grad_accum 2 on 7b); the batch grows
 # to one sequence per device per micro-batch when the mesh is larger (a micro-batch must split over the devices).
-SFT = {"batch": 64, "tokens": 1024, "patches": 1024, "grad_accum": {"3b": 1, "7b": 2, "tiny": 1}}
+SFT = {"batch": 64, "tokens": 1024, "patches": 1024, "grad_accum": {"3b": 1, "7b": 2, "tiny": 1}, "logprob_chunk": 8192}
 # GRPO: configs/qponder.py (64 prompts of 512 tokens x G 8, 512 new tokens, minibatches 2 / 4, beta 0.001).
 GRPO = {"prompts": 64, "tokens": 512, "patches": 1024, "generations": 8, "new_tokens": 512,
         "minibatches": {"3b": 2, "7b": 4, "tiny": 2}, "beta": 0.001}  # fmt: skip
 FIT_POINTS = ((1, 1), (2, 1), (1, 2))
+# XLA:CPU's default concurrency-optimized scheduler starts independent work (every layer's FSDP all-gather) as early as
+# it can, which a GPU/TPU's memory-aware scheduler does not: plan with the memory-minimizing order instead.
+SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 VALIDATE_POINT = (3, 3)
 
 
@@ -88,6 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", default="sft,grpo", help="comma-separated, of sft, grpo")
     parser.add_argument("--devices", default="64", help="comma-separated mesh sizes N (mesh (1, N, 1), FSDP)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
+    parser.add_argument("--minibatches", type=int, default=0, help="GRPO minibatches per step (default: the config's)")
     parser.add_argument("--validate", action="store_true", help="also compile (3, 3) layers and report the fit error")
     parser.add_argument("--direct", action="store_true", help="compile the full depth, no extrapolation (slow)")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
@@ -99,10 +103,12 @@ def reduced(config: Qwen25VLConfig, text_layers: int, vision_blocks: int) -> Qwe
     return config.replace(text=dataclasses.replace(config.text, num_hidden_layers=text_layers), vision=vision)
 
 
-def _workloads(scale: float) -> tuple[dict, dict]:
+def _workloads(scale: float, minibatches: int = 0) -> tuple[dict, dict]:
     s = lambda n, q=1: max(q, int(n * scale) // q * q)
     sft = dict(SFT, tokens=s(SFT["tokens"], 8), patches=s(SFT["patches"], 4))
     grpo = dict(GRPO, tokens=s(GRPO["tokens"], 8), patches=s(GRPO["patches"], 4), new_tokens=s(GRPO["new_tokens"]))
+    if minibatches:
+        grpo["minibatches"] = {name: minibatches for name in GRPO["minibatches"]}
     return sft, grpo
 
 
@@ -140,7 +146,7 @@ def _planned_bytes(model_name: str, config: Qwen25VLConfig, step: str, mesh, sft
     from qponder_jax.train import optim
     from qponder_jax.train import state as state_lib
 
-    remat = step == "sft"  # GRPO: remat inside the sampler's while_loop raises a flax TraceContextError (see docs)
+    remat = True  # both 3b / 7b config variants train with per-layer remat
     make = lambda: Qwen25VL(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
     abstract_model = nnx.eval_shape(make)
     graphdef, params, rest = state_lib.split_model(abstract_model)
@@ -153,8 +159,9 @@ def _planned_bytes(model_name: str, config: Qwen25VLConfig, step: str, mesh, sft
         from qponder_jax.train.sft import SFTStep
 
         fn = SFTStep(
-            graphdef, rest, tx, optax.constant_schedule(1e-6), labels, grad_accum=sft["grad_accum"][model_name]
-        )
+            graphdef, rest, tx, optax.constant_schedule(1e-6), labels, grad_accum=sft["grad_accum"][model_name],
+            logprob_chunk=sft["logprob_chunk"],
+        )  # fmt: skip
         rows = max(sft["batch"], mesh.size * sft["grad_accum"][model_name])
         batch, batch_shards = _abstract_batch(config, rows, sft["tokens"], sft["patches"], mesh)
         jitted = jax.jit(
@@ -231,7 +238,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
     n = args.worker
     mesh = sharding.make_mesh((1, n, 1))
-    sft, grpo = _workloads(args.scale)
+    sft, grpo = _workloads(args.scale, args.minibatches)
     out = []
     for name in args.models.split(","):
         config = MODELS[name]
@@ -263,12 +270,13 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
 
 def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f and "scheduler" not in f]
+    flags.append(SCHEDULER_FLAG)
     env = dict(
         os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
     )
     cmd = [sys.executable, "-m", "qponder_jax.bench", "memory", "--worker", str(n), "--models", args.models]
-    cmd += ["--steps", args.steps, "--scale", str(args.scale)]
+    cmd += ["--steps", args.steps, "--scale", str(args.scale), "--minibatches", str(args.minibatches)]
     cmd += ["--validate"] * args.validate + ["--direct"] * args.direct
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -284,7 +292,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"memory: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     start = time.perf_counter()
     cases = [c for n in map(int, args.devices.split(",")) for c in _spawn(args, n)]
-    sft, grpo = _workloads(args.scale)
+    sft, grpo = _workloads(args.scale, args.minibatches)
     return {
         "what": "memory",
         "size": None,

@@ -169,6 +169,20 @@ class DecoderLayer(nnx.Module):
         return sharding.constrain(x, ("batch", "length", "act_embed")), new_cache
 
 
+def _run_layer(layer: DecoderLayer, x: jax.Array, *args):
+    """layer(x, *args) with the layer's parameters tied to `x` by an optimization barrier.
+
+    Under FSDP each layer all-gathers its weights. Without the tie, those all-gathers depend on the parameters only,
+    and XLA's loop-invariant code motion hoists them out of any loop that runs the model with invariant weights (the
+    decode loop, the reference log-prob map, gradient accumulation): every layer's unsharded weights then stay live
+    for the whole loop (~3 unsharded copies of each layer per device in a 7B GRPO step). Tied to the layer's input,
+    they stay in the loop body (test_bench.py::test_layer_weight_all_gathers_stay_inside_a_loop).
+    """
+    graphdef, state = nnx.split(layer)
+    state, x = jax.lax.optimization_barrier((state, x))
+    return nnx.merge(graphdef, state)(x, *args)
+
+
 class TextModel(nnx.Module):
     """Token embedding, `num_hidden_layers` decoder layers and the final norm (no LM head)."""
 
@@ -204,9 +218,12 @@ class TextModel(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [B, T, D] in the compute dtype for input_ids [B, T]."""
-        # gather the table's embed dimension first: a lookup cannot keep it fsdp-sharded with a batch-sharded output
-        table = sharding.constrain(self.embed_tokens.embedding[...], ("vocab", None))  # [V, D]
-        x = jnp.take(table, input_ids.astype(jnp.int32), axis=0).astype(self.dtype)  # [B, T, D]
+        # The table stays sharded as stored ([V, D] over ("vocab", "embed")): every device looks up its own embed
+        # columns for all (replicated, small) ids, then one all-to-all gives batch-sharded rows. Gathering the table
+        # instead costs a full fp32 [V, D] copy per device (2 GiB for 7B), and its gradient another one.
+        ids = sharding.constrain(input_ids.astype(jnp.int32), (None, None))  # [B, T]
+        x = jnp.take(self.embed_tokens.embedding[...], ids, axis=0)  # [B, T, D]
+        x = sharding.constrain(x, (None, None, "embed")).astype(self.dtype)
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
     def __call__(
@@ -235,7 +252,7 @@ class TextModel(nnx.Module):
         # remat only the training forward: a cached call (prefill, decode) is never differentiated, and nnx.remat
         # inside the sampler's while_loop (the GRPO rollout) would touch the params from another trace level
         remat = self.remat and cache is None
-        run = nnx.remat(lambda layer, *args: layer(*args)) if remat else (lambda layer, *args: layer(*args))
+        run = nnx.remat(_run_layer) if remat else _run_layer
         x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):

@@ -41,8 +41,8 @@ from qponder_jax.rewards import iqa, registry
 from qponder_jax.rewards import parse as parse_lib
 from qponder_jax.rewards.advantages import STD_MODES, group_advantages
 from qponder_jax.train import optim
-from qponder_jax.train.grpo_loss import LossConfig, completion_logits, grpo_loss, token_logprobs
-from qponder_jax.train.sft import batch_shardings, split_micro_batches
+from qponder_jax.train.grpo_loss import LossConfig, chunked_token_logprobs, completion_logits, grpo_loss_from_logprobs
+from qponder_jax.train.sft import batch_shardings, hidden_and_head, split_micro_batches
 from qponder_jax.train.state import TrainState
 
 
@@ -73,12 +73,16 @@ class GRPOSettings:
     pad_id: int = 0
     loss: LossConfig = LossConfig()
     rewards: tuple[RewardTerm, ...] = (RewardTerm("format"), RewardTerm("accuracy"))
+    logprob_chunk: int = 8192  # vocab columns per step of the update's log-prob scan (no [N, L, V] logits)
 
     def __post_init__(self):
         if self.advantage_std not in STD_MODES:
             raise ValueError(f"grpo: advantage_std {self.advantage_std!r} is not one of {STD_MODES}")
-        if min(self.num_generations, self.max_new_tokens, self.num_iterations, self.num_minibatches) < 1:
-            raise ValueError("grpo: num_generations, max_new_tokens, num_iterations, num_minibatches must be >= 1")
+        if min(self.num_generations, self.max_new_tokens, self.num_iterations, self.num_minibatches,
+               self.logprob_chunk) < 1:  # fmt: skip
+            raise ValueError(
+                "grpo: num_generations, max_new_tokens, num_iterations, num_minibatches, logprob_chunk must be >= 1"
+            )
         unknown = [t.name for t in self.rewards if t.name not in registry.available_rewards()]
         if unknown or not self.rewards or len({t.name for t in self.rewards}) != len(self.rewards):
             raise ValueError(
@@ -204,9 +208,16 @@ class GRPOStep:
             format_ok=res.format_ok,
         )
 
-    def _completion_logp(self, params, mb: Minibatch, prompt_len: int) -> jax.Array:
-        logits = completion_logits(self._model(params)(mb.batch), prompt_len)
-        return token_logprobs(logits, mb.tokens, self.settings.loss.temperature)
+    def _completion_logp(self, params, mb: Minibatch, prompt_len: int) -> tuple[jax.Array, jax.Array]:
+        """(log-probs [n, L], entropies [n, L]) of the minibatch's completion tokens under `params`.
+
+        Only the L completion positions go through the LM head, chunked over the vocabulary
+        (`chunked_token_logprobs`): neither the [n, T + L, V] nor the [n, L, V] fp32 logits are materialized.
+        """
+        hidden, head = hidden_and_head(self._model(params), mb.batch)  # [n, T + L, D], [D, V]
+        hidden = completion_logits(hidden, prompt_len)  # the positions that score the completion: [n, L, D]
+        s = self.settings
+        return chunked_token_logprobs(hidden, head, mb.tokens, s.loss.temperature, s.logprob_chunk)
 
     def minibatches(self, batch: Batch, ro: Rollouts, ref_params: dict | None) -> Minibatch:
         """The rollouts as [M, N / M, ...] minibatches, with reference log-probs when beta > 0."""
@@ -222,7 +233,14 @@ class GRPOStep:
             ref_logp=None,
         )
         if s.loss.beta > 0:
-            ref = jax.lax.map(lambda mb: self._completion_logp(ref_params, self._constrain(mb), prompt_len), stacked)
+
+            def ref_logp(mb):
+                # tied to the minibatch, the reference weights' FSDP all-gathers stay inside the loop (else XLA
+                # hoists them out of it: a whole unsharded copy of the reference model per device)
+                tied, mb = jax.lax.optimization_barrier((ref_params, mb))
+                return self._completion_logp(tied, self._constrain(mb), prompt_len)[0]
+
+            ref = jax.lax.map(ref_logp, stacked)
             stacked = stacked.replace(ref_logp=jax.lax.stop_gradient(ref))
         return stacked
 
@@ -243,8 +261,8 @@ class GRPOStep:
         prompt_len = batch.input_ids.shape[1]
 
         def mb_loss(params, mb: Minibatch):
-            logits = completion_logits(self._model(params)(mb.batch), prompt_len)  # [n, L, V]
-            return grpo_loss(logits, mb.tokens, mb.mask, mb.old_logp, mb.advantages, s.loss, mb.ref_logp)
+            logp, entropy = self._completion_logp(params, mb, prompt_len)  # [n, L] each
+            return grpo_loss_from_logprobs(logp, entropy, mb.mask, mb.old_logp, mb.advantages, s.loss, mb.ref_logp)
 
         def update(carry, u):
             params, opt_state = carry

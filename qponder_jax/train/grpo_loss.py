@@ -133,6 +133,53 @@ def token_entropy(logits: jax.Array, temperature: float = 1.0) -> jax.Array:
     return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
 
 
+def chunked_token_logprobs(
+    hidden: jax.Array, w: jax.Array, tokens: jax.Array, temperature: float = 1.0, chunk: int = 8192
+) -> tuple[jax.Array, jax.Array]:
+    """(log-probs [N, L], entropies [N, L]) of `tokens` [N, L] under logits = hidden [N, L, D] @ w [D, V] / temperature,
+    without materializing the [N, L, V] logits.
+
+    Equal to `token_logprobs` / `token_entropy` of the dense logits (same per-element matmul, fp32 softmax). A
+    checkpointed `lax.scan` over vocab chunks of `chunk` columns keeps an online log-sum-exp, the target logit and
+    sum(p * logit); the backward pass recomputes each chunk's logits, so at most one [N, L, chunk] block and one
+    [D, chunk] slice of the (FSDP all-gathered) head are live. The entropy carries no gradient (a metric).
+    """
+    n, steps, d = hidden.shape
+    vocab = w.shape[1]
+    chunk = min(chunk, vocab)
+    num = -(-vocab // chunk)
+    w = jnp.pad(w, ((0, 0), (0, num * chunk - vocab)))  # [D, num * chunk]
+    w_chunks = jnp.moveaxis(w.reshape(d, num, chunk), 1, 0)  # [num, D, chunk]
+    starts = jnp.arange(num, dtype=jnp.int32) * chunk
+    tokens = tokens.astype(jnp.int32)
+    neg_inf = jnp.float32(-jnp.inf)
+
+    @jax.checkpoint
+    def body(carry, xs):
+        running_max, sum_exp, target, sum_p_logit = carry  # [N, L] each
+        w_c, start = xs
+        logits = jnp.einsum("nld,dc->nlc", hidden, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
+        column = start + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
+        logits = jnp.where(column < vocab, logits, neg_inf)  # [N, L, chunk]; padding columns never count
+        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(logits, axis=-1)))
+        scale = jnp.exp(running_max - new_max)
+        p = jnp.exp(logits - new_max[..., None])  # [N, L, chunk]
+        sum_exp = sum_exp * scale + jnp.sum(p, axis=-1)
+        finite = jnp.where(column < vocab, jax.lax.stop_gradient(logits), 0.0)
+        sum_p_logit = sum_p_logit * scale + jnp.sum(jax.lax.stop_gradient(p) * finite, axis=-1)
+        target = target + jnp.sum(jnp.where(column == tokens[..., None], logits, 0.0), axis=-1)
+        return (new_max, sum_exp, target, sum_p_logit), None
+
+    zeros = jnp.zeros((n, steps), jnp.float32)
+    init = (jnp.full((n, steps), neg_inf), zeros, zeros, zeros)
+    (running_max, sum_exp, target, sum_p_logit), _ = jax.lax.scan(body, init, (w_chunks, starts))
+    lse = running_max + jnp.log(sum_exp)  # [N, L]
+    entropy = jax.lax.stop_gradient(lse - sum_p_logit / sum_exp)
+    return target - lse, entropy
+
+
 def completion_logits(logits: jax.Array, prompt_len: int) -> jax.Array:
     """The logits that score the completion tokens of a teacher-forced [N, T + L] batch: columns T - 1 .. T + L - 2
     -> [N, L, V]."""
@@ -175,6 +222,20 @@ def grpo_loss(
     beta > 0), the largest |ratio - 1| over the mask, and the mean completion length.
     """
     logp = token_logprobs(logits, tokens, config.temperature)
+    entropy = token_entropy(jax.lax.stop_gradient(logits), config.temperature)
+    return grpo_loss_from_logprobs(logp, entropy, mask, old_logp, advantages, config, ref_logp)
+
+
+def grpo_loss_from_logprobs(
+    logp: jax.Array,
+    entropy: jax.Array,
+    mask: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    config: LossConfig,
+    ref_logp: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`grpo_loss` from the policy's token log-probs [N, L] and entropies [N, L] (e.g. `chunked_token_logprobs`)."""
     per_token, ratio, is_clipped = policy_terms(logp, old_logp, advantages, config.eps_low, config.eps_high)
     metrics = {}
     if config.beta > 0:
@@ -190,7 +251,7 @@ def grpo_loss(
         clip_fraction=token_mean(is_clipped.astype(jnp.float32), mask, 1),
         ratio_mean=token_mean(stop(ratio), mask, 1),
         ratio_max_dev=jnp.max(jnp.where(mask, jnp.abs(stop(ratio) - 1.0), 0.0)),
-        entropy=token_mean(token_entropy(stop(logits), config.temperature), mask, 1),
+        entropy=token_mean(stop(entropy), mask, 1),
         completion_length=jnp.mean(jnp.sum(mask.astype(jnp.float32), axis=-1)),
     )
     return loss, metrics

@@ -26,8 +26,10 @@ from jax.sharding import Mesh, NamedSharding
 from qponder_jax.data.batch import Batch
 from qponder_jax.errors import ConfigError
 from qponder_jax.model import sharding
+from qponder_jax.model.qwen2_5_vl import check_shapes
 from qponder_jax.train import loop, optim
 from qponder_jax.train import state as state_lib
+from qponder_jax.train.grpo_loss import chunked_token_logprobs
 from qponder_jax.train.logging import FlopModel, MetricLogger, peak_flops_per_device
 from qponder_jax.train.state import TrainState
 
@@ -71,6 +73,26 @@ def next_token_loss(logits: jax.Array, input_ids: jax.Array, loss_mask: jax.Arra
     return jnp.sum(nll * mask), jnp.sum(mask)
 
 
+def hidden_and_head(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(final hidden states [B, T, D] aligned with batch.input_ids, LM head [D, V]): `model(batch)` without the
+    logits, for losses that apply the head in vocab chunks (`grpo_loss.chunked_token_logprobs`)."""
+    check_shapes(batch, model.config)
+    x = model.embed_inputs(batch)  # [B, T, D]
+    segment_ids = jnp.asarray(batch.attention_mask).astype(jnp.int32)
+    hidden, _ = model.language_model(x, jnp.asarray(batch.position_ids), segment_ids)
+    if model.config.tie_word_embeddings:
+        return hidden, model.language_model.embed_tokens.embedding[...].T
+    return hidden, model.lm_head.kernel[...]
+
+
+def chunked_next_token_loss(model, batch: Batch, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`next_token_loss(model(batch), ...)` without the [B, T, V] fp32 logits: the head runs in vocab chunks."""
+    hidden, head = hidden_and_head(model, batch)
+    logp, _ = chunked_token_logprobs(hidden[:, :-1], head, batch.input_ids[:, 1:], 1.0, chunk)  # [B, T-1]
+    mask = batch.loss_mask[:, 1:].astype(jnp.float32)
+    return -jnp.sum(logp * mask), jnp.sum(mask)
+
+
 def target_count(batch: Batch) -> jax.Array:
     return jnp.sum(batch.loss_mask[:, 1:].astype(jnp.float32))
 
@@ -102,6 +124,7 @@ class SFTStep:
     schedule: optax.Schedule
     labels: dict  # TRAIN / FROZEN per parameter
     grad_accum: int = 1
+    logprob_chunk: int = 0  # > 0: the loss applies the LM head in vocab chunks of this size (no [B, T, V] logits)
 
     def loss_and_grads(self, params: dict, batch: Batch) -> tuple[jax.Array, jax.Array, dict]:
         """(mean loss over the global batch's target tokens, target-token count, gradients).
@@ -118,7 +141,7 @@ class SFTStep:
             for i, x in zip(trainable, train_leaves, strict=True):
                 full[i] = x
             model = nnx.merge(self.graphdef, jax.tree.unflatten(treedef, full), self.rest)
-            nll_sum, _ = next_token_loss(model(micro), micro.input_ids, micro.loss_mask)
+            nll_sum, _ = self._nll(model, micro)
             return nll_sum / total
 
         grad_fn = jax.value_and_grad(micro_loss)
@@ -129,7 +152,10 @@ class SFTStep:
 
             def body(carry, micro):
                 loss_acc, grads_acc = carry
-                loss, grads = grad_fn(train_leaves, _constrain_batch(micro))
+                # tied to the micro-batch, the weights' FSDP all-gathers stay inside the loop (else XLA hoists them
+                # out of it and keeps an unsharded copy of the model live for the whole accumulation)
+                tied, micro = jax.lax.optimization_barrier((train_leaves, micro))
+                loss, grads = grad_fn(tied, _constrain_batch(micro))
                 return (loss_acc + loss, jax.tree.map(jnp.add, grads_acc, grads)), None
 
             init = (jnp.zeros((), jnp.float32), [jnp.zeros_like(x) for x in train_leaves])
@@ -166,8 +192,13 @@ class SFTStep:
     def eval_sums(self, params: dict, batch: Batch) -> dict:
         """Sums for a held-out loss: {'nll_sum', 'target_tokens'} over this batch."""
         model = nnx.merge(self.graphdef, params, self.rest)
-        nll_sum, n = next_token_loss(model(batch), batch.input_ids, batch.loss_mask)
+        nll_sum, n = self._nll(model, batch)
         return {"nll_sum": nll_sum, "target_tokens": n}
+
+    def _nll(self, model, batch: Batch) -> tuple[jax.Array, jax.Array]:
+        if self.logprob_chunk > 0:
+            return chunked_next_token_loss(model, batch, self.logprob_chunk)
+        return next_token_loss(model(batch), batch.input_ids, batch.loss_mask)
 
 
 def jit_train_step(step: SFTStep, state_shards: TrainState, mesh: Mesh) -> Callable:
@@ -236,6 +267,7 @@ def cold_start_sources(data_cfg, workdir: Path):
             prompt_name=data_cfg.prompt,
             min_side=data_cfg.synthetic_min_side,
             max_side=data_cfg.synthetic_max_side,
+            distortions=data_cfg.get("synthetic_distortions", ""),
         )
         train_path = write_synthetic_cold_start(workdir / "data", "train", data_cfg.synthetic_train_size, **kw)
         eval_path = write_synthetic_cold_start(workdir / "data", "validation", data_cfg.synthetic_eval_size, **kw)
@@ -276,6 +308,7 @@ def run(config, workdir) -> loop.LoopResult:
     pixels = {k: int(v) for k, v in (("min_pixels", d.min_pixels), ("max_pixels", d.max_pixels)) if v > 0}
     proc.image_config = dataclasses.replace(proc.image_config, **pixels)
     loader_kw = dict(transform=EncodeColdStart(proc), collate=proc.collate, worker_count=int(d.worker_count))
+    loader_kw["padding"] = pipeline.Padding("right", proc.pad_token_id)  # processes agree on each batch's buckets
     data = pipeline.make_loader(train_src, batch_size=d.batch_size, seed=d.seed, **loader_kw)
 
     abstract_model, model_config = embedded.abstract_model(config.model, model_dir)
@@ -292,7 +325,9 @@ def run(config, workdir) -> loop.LoopResult:
         model, _ = load_hf(model_dir, mesh=mesh, **embedded.model_kwargs(config.model))
         state = state_lib.init_train_state(state_lib.split_model(model)[1], tx, abstract, seed=config.seed)
         del model
-    step = SFTStep(graphdef, rest, tx, schedule, labels, grad_accum=t.grad_accum)
+    step = SFTStep(
+        graphdef, rest, tx, schedule, labels, grad_accum=t.grad_accum, logprob_chunk=int(t.get("logprob_chunk", 0))
+    )
     train_step = jit_train_step(step, state_lib.shardings_of(abstract), mesh)
     place = lambda b: pipeline.to_global(b, mesh)
 
