@@ -80,6 +80,7 @@ def train(*, total_steps: int, grad_accum: int = 1) -> ml_collections.ConfigDict
     c.checkpoint_every = 100  # save a checkpoint every K updates (and always at the end and on SIGTERM)
     c.keep_checkpoints = 3  # keep the last N checkpoints
     c.async_checkpoints = True  # write checkpoints in a background thread
+    c.logprob_chunk = 0  # > 0: the SFT loss applies the LM head in vocab chunks of this size (no [B, T, V] logits)
     c.max_consecutive_nonfinite = 0  # skip up to this many non-finite steps in a row; one more stops the run
     c.peak_flops_per_device = 0.0  # peak FLOP/s of one device for MFU (0 = look up the device kind; n/a on CPU)
     c.progress_bar = True  # show a tqdm progress bar when stdout is a terminal

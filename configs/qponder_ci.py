@@ -52,6 +52,7 @@ def get_config(arg: str | None = None):
         config.optim.b2 = 0.95
         config.optim.freeze = ("vision_tower",)
         config.train = common.train(total_steps=2000, grad_accum=2 if variant == "7b" else 1)
+        config.train.logprob_chunk = 8192  # the memory plan's setting (docs/performance.md): no full-vocab logits
         config.train.log_every = 10
         config.train.eval_every = 200
         config.train.checkpoint_every = 200
