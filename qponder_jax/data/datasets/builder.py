@@ -192,13 +192,18 @@ class IQASource:
         return len(self._source)
 
     def __getitem__(self, index: int) -> dict:
-        return _to_record(self._source[index])
+        return self.convert(self._source[index])
 
     def __getitems__(self, indices) -> list[dict]:
-        return [_to_record(r) for r in self._source.__getitems__(indices)]
+        return [self.convert(r) for r in self._source.__getitems__(indices)]
 
     def __repr__(self) -> str:
-        return f"IQASource({self._source!r})"
+        return f"{type(self).__name__}({self._source!r})"
+
+    @staticmethod
+    def convert(example: dict) -> dict:
+        """A stored example -> the record the jobs read."""
+        return _to_record(example)
 
 
 def _to_record(example: dict) -> dict:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from qponder_jax.data.datasets.authentic import _load_mat, _mat_text
-from qponder_jax.data.datasets.builder import Annotation, IQABuilder, IQAConfig, prepare
+from qponder_jax.data.datasets.builder import Annotation, IQABuilder, IQAConfig, IQASource, prepare
 from qponder_jax.data.datasets.common import (
     FileIndex,
     cell_text,
@@ -302,23 +302,12 @@ def prepare_video_builder(builder: VQABuilder, manual_dir: str | Path | None) ->
     return prepare(builder, manual_dir)
 
 
-class VideoSource:
+class VideoSource(IQASource):
     """Random access over a built VQA split: records as plain dicts (`str` text, Python numbers)."""
 
-    def __init__(self, data_source):
-        self._source = data_source
-
-    def __len__(self) -> int:
-        return len(self._source)
-
-    def __getitem__(self, index: int) -> dict:
-        return _to_video_record(self._source[index])
-
-    def __getitems__(self, indices) -> list[dict]:
-        return [_to_video_record(r) for r in self._source.__getitems__(indices)]
-
-    def __repr__(self) -> str:
-        return f"VideoSource({self._source!r})"
+    @staticmethod
+    def convert(example: dict) -> dict:
+        return _to_video_record(example)
 
 
 def _to_video_record(example: dict) -> dict:
