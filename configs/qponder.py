@@ -73,6 +73,7 @@ def grpo(**overrides) -> ml_collections.ConfigDict:
     c.top_p = 1.0  # nucleus filter while sampling (1 = off)
     c.num_iterations = 1  # mu: passes over the same rollouts (the first update of the first pass has ratio 1)
     c.num_minibatches = 1  # optimizer updates per pass; B * G must be a multiple
+    c.share_prompts = True  # when num_minibatches divides G: the update runs each prompt + image once per minibatch
     c.beta = 0.001  # KL coefficient (0 = no reference model at all)
     c.kl_estimator = "k3"  # "k3" (default), "k2" or "k1"
     c.eps_low = 0.2  # ratio clip below 1 - eps_low

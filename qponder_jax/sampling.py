@@ -39,7 +39,6 @@ from qponder_jax.model.qwen2_5_vl import Qwen25VL, check_batch
 from qponder_jax.model.text import KVCache
 
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) of the jitted pieces, for tests
-_KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,10 +120,6 @@ def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig) -> 
     start = batch.rope_deltas + jnp.sum(batch.attention_mask, axis=-1, dtype=jnp.int32)  # [B] first new position
     if n > 1:
         cache = cache.repeat(n)
-        cache = cache.replace(
-            k=tuple(sharding.constrain(x, _KV_AXES) for x in cache.k),
-            v=tuple(sharding.constrain(x, _KV_AXES) for x in cache.v),
-        )
     tiled = lambda x: jnp.repeat(x, n, axis=0)
     return DecodeState(
         step=jnp.zeros((), jnp.int32),
@@ -153,7 +148,7 @@ def _decode(
         return (s.step < config.max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: DecodeState) -> DecodeState:
-        rng, key = jax.random.split(s.rng)
+        rng, key = (s.rng, s.rng) if config.greedy else jax.random.split(s.rng)  # greedy draws nothing
         token, logprob = sample_token(s.logits, key, config)  # [N], [N]
         token = jnp.where(s.done, config.pad_id, token)
         logprob = jnp.where(s.done, 0.0, logprob)

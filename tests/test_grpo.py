@@ -221,6 +221,72 @@ def test_host_metrics_correlate_group_means_with_mos():
     assert logger.lines == ["grpo step 1 sample (MOS 1.00): '5 6'", "grpo step 2 sample (MOS 4.00): '5 6'"]
 
 
+# ---- shared prompts: each prompt runs once per minibatch, equal to the teacher-forced completion batch ----
+def _tiny_model(proc, remat=False):
+    from qponder_jax.model.qwen2_5_vl import create_model
+
+    ids = _ids(proc)
+    config = tiny_config(vocab_size=ids["vocab_size"], eos_token_id=ids["im_end_id"], pad_token_id=ids["endoftext_id"])
+    config = config.replace(**{k: ids[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                   "vision_end_token_id")})  # fmt: skip
+    return create_model(config, rngs_seed=3, remat=remat)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_shared_prompt_hidden_equals_the_teacher_forced_pass(proc, remat):
+    """Two left-padded image prompts of different lengths x 3 completions each (one stops early, one at once):
+    the completion log-probs and their gradients with respect to every parameter equal those of the teacher-forced
+    [N, T + L] completion batch (`sampling.completion_batch`)."""
+    import types
+
+    from flax import nnx
+
+    from qponder_jax.sampling import completion_batch
+    from qponder_jax.train.grpo_loss import chunked_token_logprobs, completion_logits
+    from qponder_jax.train.sft import hidden_and_head, lm_head
+
+    model = _tiny_model(proc, remat)
+    images = [decode_image(SyntheticIQA("train", size=2, min_side=56, max_side=56)[i]["image"]) for i in range(2)]
+    texts = [PROMPT, PROMPT + " Think about noise, blur and exposure first."]
+    encoded = [proc.encode(prompts.image_messages(t), [im], add_generation_prompt=True) for t, im in zip(texts, images)]
+    batch = proc.collate(encoded, padding_side="left")
+    assert not batch.attention_mask.all()  # the shorter prompt is padded
+    k, steps = 3, 7
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(10, model.config.text.vocab_size, (2 * k, steps)).astype(np.int32)
+    lengths = np.array([7, 3, 1, 7, 5, 2])
+    mask = np.arange(steps)[None, :] < lengths[:, None]
+    graphdef, params = nnx.split(model)
+
+    def shared(p):
+        m = nnx.merge(graphdef, p)
+        hidden = grpo.shared_prompt_hidden(m, batch, tokens, mask, k)
+        return chunked_token_logprobs(hidden, lm_head(m), tokens, 1.0, 512)[0]
+
+    def forced(p):
+        full = completion_batch(batch, types.SimpleNamespace(tokens=tokens, mask=mask), k)
+        hidden, head = hidden_and_head(nnx.merge(graphdef, p), full)
+        return chunked_token_logprobs(completion_logits(hidden, batch.input_ids.shape[1]), head, tokens, 1.0, 512)[0]
+
+    a, b = jax.jit(shared)(params), jax.jit(forced)(params)
+    np.testing.assert_allclose(np.where(mask, a, 0), np.where(mask, b, 0), atol=2e-5, rtol=1e-5)
+    loss = lambda f: lambda p: jax.numpy.sum(f(p) * mask * np.arange(1, 2 * k + 1)[:, None])  # rows weighted
+    ga, gb = jax.jit(jax.grad(loss(shared)))(params), jax.jit(jax.grad(loss(forced)))(params)
+    leaves_a, leaves_b = jax.tree.leaves(ga), jax.tree.leaves(gb)
+    assert max(float(np.abs(x).max()) for x in leaves_b) > 1e-2  # gradients reach every part of the model
+    for x, y in zip(leaves_a, leaves_b):
+        np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+    vision_grad = ga["visual"]["patch_embed"]["proj"]["kernel"]
+    assert float(np.abs(vision_grad[...]).max()) > 0  # the image, run once, still gets the gradient
+
+
+def test_settings_share_prompts_only_when_minibatches_divide_the_group(proc):
+    assert _settings(proc, num_generations=8, num_minibatches=2).completions_per_prompt == 4
+    assert _settings(proc, num_generations=6, num_minibatches=4).completions_per_prompt == 0  # 4 does not divide 6
+    assert _settings(proc, num_generations=4, num_minibatches=4).completions_per_prompt == 0  # nothing to share
+    assert _settings(proc, num_generations=8, share_prompts=False).completions_per_prompt == 0
+
+
 # ---- the step on a model that writes the format: cold-start SFT of the tiny model ----
 class ColdStart:
     """The tiny model on the demo tokenizer, SFT'd on `<think>The quality is <level>.</think><answer>s</answer>`
@@ -316,6 +382,34 @@ def test_step_sharded_matches_single_device(cold_start, proc):
     diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)))
     print(f"params moved {moved:.3e}, 1 vs 8 devices {diff:.3e}; loss {m1['loss']:.6e} vs {m8['loss']:.6e}")
     assert moved > 1e-3 and diff < 0.02 * moved, (moved, diff)  # measured: moved 4.0e-3, diff 1.2e-5
+
+
+@pytest.mark.slow
+def test_shared_prompt_step_matches_the_teacher_forced_step(cold_start, proc):
+    """G = 4, M = 2, mu = 2 with a KL: the step that runs each prompt once per minibatch gives the same rollouts, loss,
+    KL, gradient norm and updated parameters as the one that re-runs the prompt for every completion, and counts
+    half the prompt tokens as processed."""
+    batch, mos = cold_start.prompt_batch(np.arange(8))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    outs = {}
+    for share in (True, False):
+        settings = _settings(proc, loss=LossConfig(beta=0.04), num_iterations=2, num_minibatches=2, share_prompts=share)
+        assert settings.completions_per_prompt == (2 if share else 0)
+        fn, state, ref = cold_start.grpo_step(settings, mesh, lr=1e-3, total_steps=1)
+        before = jax.device_get(state.params)
+        state, metrics = fn(state, batch, mos, cold_start.parser, ref)
+        outs[share] = jax.device_get((state.params, metrics)) + (before,)
+    (p_s, m_s, before), (p_f, m_f, _) = outs[True], outs[False]
+    np.testing.assert_array_equal(m_s["scores"], m_f["scores"])
+    for key in ("loss", "kl", "grad_norm", "entropy", "ratio_mean", "clip_fraction"):
+        np.testing.assert_allclose(m_s[key], m_f[key], rtol=1e-4, atol=1e-7, err_msg=key)
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p_f), jax.tree.leaves(before)))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p_s), jax.tree.leaves(p_f)))
+    assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
+    prompt_tokens = float(batch.attention_mask.sum())
+    assert m_f["tokens"] - m_s["tokens"] == pytest.approx(
+        2 * prompt_tokens * (4 - 2), rel=1e-6
+    )  # (G - M) fewer prompt runs per pass, mu = 2 passes
 
 
 @pytest.mark.slow

@@ -56,10 +56,13 @@ class KVCache:
         )
 
     def repeat(self, n: int) -> KVCache:
-        """Each row repeated `n` times in place (row b -> rows b*n .. b*n+n-1), e.g. for sampling n completions."""
-        rep = lambda x: jnp.repeat(x, n, axis=0)
+        """Each row repeated `n` times in place (row b -> rows b*n .. b*n+n-1), e.g. for sampling n completions;
+        kept on the cache's sharding (rows over the batch axes)."""
+        rep = lambda x: sharding.constrain(jnp.repeat(x, n, axis=0), _KV_AXES)
         return self.replace(
-            k=tuple(rep(x) for x in self.k), v=tuple(rep(x) for x in self.v), segment_ids=rep(self.segment_ids)
+            k=tuple(rep(x) for x in self.k),
+            v=tuple(rep(x) for x in self.v),
+            segment_ids=sharding.constrain(jnp.repeat(self.segment_ids, n, axis=0), ("batch", "length")),
         )
 
 
@@ -232,11 +235,15 @@ class TextModel(nnx.Module):
         position_ids: jax.Array,
         segment_ids: jax.Array,
         cache: KVCache | None = None,
+        *,
+        remat: bool | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Runs the decoder: inputs_embeds [B, T, D], position_ids [3, B, T], segment_ids [B, T] (0 = padding).
 
         Returns the normed hidden states [B, T, D] and, when `cache` is given, the cache with this step's T tokens
-        written at `cache.index` and the index advanced by T.
+        written at `cache.index` and the index advanced by T. `remat` (default: the model's setting, for uncached
+        calls only) rematerializes each layer in the backward pass; a differentiated cached call (the GRPO update's
+        shared prompts) passes it explicitly.
         """
         t = inputs_embeds.shape[1]
         if position_ids.shape != (3, *inputs_embeds.shape[:2]):
@@ -249,9 +256,11 @@ class TextModel(nnx.Module):
         if cache is not None:
             index = cache.index
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, index))
-        # remat only the training forward: a cached call (prefill, decode) is never differentiated, and nnx.remat
-        # inside the sampler's while_loop (the GRPO rollout) would touch the params from another trace level
-        remat = self.remat and cache is None
+        # by default remat only the training forward: the sampler's cached calls (prefill, decode) are never
+        # differentiated, and nnx.remat inside its while_loop (the GRPO rollout) would touch the params from another
+        # trace level
+        if remat is None:
+            remat = self.remat and cache is None
         run = nnx.remat(_run_layer) if remat else _run_layer
         x = sharding.constrain(inputs_embeds.astype(self.dtype), ("batch", "length", "act_embed"))
         new_k, new_v = [], []

@@ -15,6 +15,10 @@
   into `num_minibatches` minibatches (row i -> minibatch i % M, so each stays evenly sharded) and the optimizer
   steps mu * M times over them in a `lax.scan` (epoch by epoch, minibatches in order). The old log-probs are the
   sampler's, so the very first update has ratio 1 (`first_ratio_max_dev` measures how close).
+- Shared prompts (`share_prompts`, when M divides G with G / M > 1): a minibatch then holds G / M completions of
+  every prompt, so it runs each prompt and its images once, with gradients, and the completions attend to that
+  prompt's keys and values repeated G / M times (`shared_prompt_hidden`). The same log-probs and gradients as the
+  teacher-forced [N, T + L] batch, without G / M forward and backward passes over every prompt and image.
 - Reference: with beta > 0 the frozen reference params score every completion once, before the updates; with
   beta = 0 they are not even passed in.
 - `state.step` counts GRPO steps (one per call); the optimizer's schedule counts inner updates (mu * M per step).
@@ -37,12 +41,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from qponder_jax import sampling
 from qponder_jax.data.batch import Batch
 from qponder_jax.model import sharding
+from qponder_jax.model.qwen2_5_vl import check_shapes
 from qponder_jax.rewards import iqa, registry
 from qponder_jax.rewards import parse as parse_lib
 from qponder_jax.rewards.advantages import STD_MODES, group_advantages
 from qponder_jax.train import optim
 from qponder_jax.train.grpo_loss import LossConfig, chunked_token_logprobs, completion_logits, grpo_loss_from_logprobs
-from qponder_jax.train.sft import batch_shardings, hidden_and_head, split_micro_batches
+from qponder_jax.train.sft import batch_shardings, hidden_and_head, lm_head, split_micro_batches
 from qponder_jax.train.state import TrainState
 
 
@@ -74,6 +79,7 @@ class GRPOSettings:
     loss: LossConfig = LossConfig()
     rewards: tuple[RewardTerm, ...] = (RewardTerm("format"), RewardTerm("accuracy"))
     logprob_chunk: int = 8192  # vocab columns per step of the update's log-prob scan (no [N, L, V] logits)
+    share_prompts: bool = True  # the update runs each prompt once per minibatch when M divides G (see the docstring)
 
     def __post_init__(self):
         if self.advantage_std not in STD_MODES:
@@ -98,6 +104,13 @@ class GRPOSettings:
     @property
     def updates_per_step(self) -> int:
         return self.num_iterations * self.num_minibatches
+
+    @property
+    def completions_per_prompt(self) -> int:
+        """G / M when the update shares each prompt among that many completions of a minibatch, else 0 (every
+        completion row re-runs its prompt)."""
+        g, m = self.num_generations, self.num_minibatches
+        return g // m if self.share_prompts and g % m == 0 and g > m else 0
 
     def sampling_config(self) -> sampling.SamplingConfig:
         return sampling.SamplingConfig(
@@ -128,7 +141,7 @@ class Rollouts:
 
 @flax.struct.dataclass
 class Minibatch:
-    batch: Batch  # [n, T + L] teacher-forced prompt + completion
+    batch: Batch | None  # [n, T + L] teacher-forced prompt + completion; None with shared prompts
     tokens: jax.Array  # [n, L]
     mask: jax.Array  # [n, L]
     old_logp: jax.Array  # [n, L]
@@ -154,6 +167,33 @@ def _sample(model, batch: Batch, rng: jax.Array, s: GRPOSettings) -> tuple[sampl
     config = s.sampling_config()
     stop_ids = jnp.asarray(list(s.stop_ids) or [-1], jnp.int32)  # [S]; -1 matches nothing
     return sampling.sample(graphdef, full, batch, None if config.greedy else rng, stop_ids, config=config)
+
+
+def shared_prompt_hidden(model, prompts: Batch, tokens: jax.Array, mask: jax.Array, per_prompt: int) -> jax.Array:
+    """The final hidden states [n, L, D] that score `tokens` [n, L] (rows j*k .. j*k+k-1 continue prompt j, k =
+    `per_prompt`, n = B * k), with each prompt of the left-padded `prompts` [B, T] (images included) run once.
+
+    The prompts go through the decoder into a KV cache of T + L slots; the cache is repeated k times and the
+    completions run as one cached call (their positions continue each prompt's, `mask` [n, L] marks the tokens up
+    to the stop). Completion token 0 is scored by the prompt's last hidden state, token i by completion position
+    i - 1. Differentiable (the prompt's gradient sums over its k completions) and equal to the rows' teacher-forced
+    pass over `sampling.completion_batch`; the layers are rematerialized when the model's `remat` is set.
+    """
+    check_shapes(prompts, model.config)
+    lm = model.language_model
+    b, t = prompts.input_ids.shape
+    steps = tokens.shape[1]
+    prompt_mask = jnp.asarray(prompts.attention_mask).astype(jnp.int32)
+    cache = model.init_cache(b, t + steps)
+    hidden, cache = lm(
+        model.embed_inputs(prompts), jnp.asarray(prompts.position_ids), prompt_mask, cache, remat=lm.remat
+    )  # [B, T, D]
+    rep = lambda x: _rows(jnp.repeat(x, per_prompt, axis=0))
+    start = rep(prompts.rope_deltas + jnp.sum(prompt_mask, axis=-1, dtype=jnp.int32))  # [n] first new position
+    positions = start[:, None] + jnp.arange(steps, dtype=jnp.int32)  # [n, L]
+    positions = jnp.broadcast_to(positions, (3, *positions.shape))
+    completion, _ = lm(lm.embed(tokens), positions, mask.astype(jnp.int32), cache.repeat(per_prompt), remat=lm.remat)
+    return jnp.concatenate([rep(hidden[:, -1:]), completion[:, :-1]], axis=1)
 
 
 def _rows(x: jax.Array, axis: int = 0) -> jax.Array:
@@ -208,24 +248,32 @@ class GRPOStep:
             format_ok=res.format_ok,
         )
 
-    def _completion_logp(self, params, mb: Minibatch, prompt_len: int) -> tuple[jax.Array, jax.Array]:
+    def _completion_logp(self, params, mb: Minibatch, prompts: Batch) -> tuple[jax.Array, jax.Array]:
         """(log-probs [n, L], entropies [n, L]) of the minibatch's completion tokens under `params`.
 
-        Only the L completion positions go through the LM head, chunked over the vocabulary
+        With shared prompts the prompts [B, T] run once (`shared_prompt_hidden`), else the minibatch's teacher-forced
+        [n, T + L] batch. Only the L completion positions go through the LM head, chunked over the vocabulary
         (`chunked_token_logprobs`): neither the [n, T + L, V] nor the [n, L, V] fp32 logits are materialized.
         """
-        hidden, head = hidden_and_head(self._model(params), mb.batch)  # [n, T + L, D], [D, V]
-        hidden = completion_logits(hidden, prompt_len)  # the positions that score the completion: [n, L, D]
         s = self.settings
+        model = self._model(params)
+        if s.completions_per_prompt:
+            hidden = shared_prompt_hidden(model, prompts, mb.tokens, mb.mask, s.completions_per_prompt)
+            head = lm_head(model)
+        else:
+            hidden, head = hidden_and_head(model, mb.batch)  # [n, T + L, D], [D, V]
+            hidden = completion_logits(hidden, prompts.input_ids.shape[1])  # the positions that score the completion
         return chunked_token_logprobs(hidden, head, mb.tokens, s.loss.temperature, s.logprob_chunk)
 
     def minibatches(self, batch: Batch, ro: Rollouts, ref_params: dict | None) -> Minibatch:
         """The rollouts as [M, N / M, ...] minibatches, with reference log-probs when beta > 0."""
         s = self.settings
-        m, prompt_len = s.num_minibatches, batch.input_ids.shape[1]
-        full = _constrain_batch(sampling.completion_batch(batch, ro, s.num_generations))  # [N, T + L]
+        m = s.num_minibatches
+        full = None
+        if not s.completions_per_prompt:
+            full = split_micro_batches(_constrain_batch(sampling.completion_batch(batch, ro, s.num_generations)), m)
         stacked = Minibatch(
-            batch=split_micro_batches(full, m),
+            batch=full,  # [M, n, T + L] or None
             tokens=_split_rows(ro.tokens, m),
             mask=_split_rows(ro.mask, m),
             old_logp=_split_rows(ro.old_logp, m),
@@ -233,12 +281,13 @@ class GRPOStep:
             ref_logp=None,
         )
         if s.loss.beta > 0:
+            prompts = _constrain_batch(batch)
 
             def ref_logp(mb):
                 # tied to the minibatch, the reference weights' FSDP all-gathers stay inside the loop (else XLA
                 # hoists them out of it: a whole unsharded copy of the reference model per device)
                 tied, mb = jax.lax.optimization_barrier((ref_params, mb))
-                return self._completion_logp(tied, self._constrain(mb), prompt_len)[0]
+                return self._completion_logp(tied, self._constrain(mb), prompts)[0]
 
             ref = jax.lax.map(ref_logp, stacked)
             stacked = stacked.replace(ref_logp=jax.lax.stop_gradient(ref))
@@ -248,7 +297,8 @@ class GRPOStep:
     def _constrain(mb: Minibatch) -> Minibatch:
         arrays = {k: _rows(getattr(mb, k)) for k in ("tokens", "mask", "old_logp", "advantages")}
         ref = None if mb.ref_logp is None else _rows(mb.ref_logp)
-        return mb.replace(batch=_constrain_batch(mb.batch), ref_logp=ref, **arrays)
+        full = None if mb.batch is None else _constrain_batch(mb.batch)
+        return mb.replace(batch=full, ref_logp=ref, **arrays)
 
     def __call__(
         self, state: TrainState, batch: Batch, mos: jax.Array, parser, ref_params: dict | None = None
@@ -258,10 +308,10 @@ class GRPOStep:
         key, sample_key = jax.random.split(jax.random.wrap_key_data(state.rng))
         ro = self.rollout(state.params, batch, mos, sample_key, parser)
         stacked = self.minibatches(batch, ro, ref_params)
-        prompt_len = batch.input_ids.shape[1]
+        prompts = _constrain_batch(batch)
 
         def mb_loss(params, mb: Minibatch):
-            logp, entropy = self._completion_logp(params, mb, prompt_len)  # [n, L] each
+            logp, entropy = self._completion_logp(params, mb, prompts)  # [n, L] each
             return grpo_loss_from_logprobs(logp, entropy, mb.mask, mb.old_logp, mb.advantages, s.loss, mb.ref_logp)
 
         def update(carry, u):
@@ -290,8 +340,11 @@ class GRPOStep:
     def _metrics(self, state: TrainState, batch: Batch, mos, ro: Rollouts, per_update: dict, finite) -> dict:
         s = self.settings
         f32 = lambda x: x.astype(jnp.float32)
-        real_tokens = jnp.sum(f32(batch.attention_mask)) * s.num_generations + jnp.sum(f32(ro.mask))
-        real_patches = jnp.sum(f32(batch.window_segment_ids != 0)) * s.num_generations
+        # tokens / patches the update runs per pass (for throughput and MFU): each prompt once per minibatch when
+        # prompts are shared, else once per completion
+        prompt_runs = s.num_minibatches if s.completions_per_prompt else s.num_generations
+        real_tokens = jnp.sum(f32(batch.attention_mask)) * prompt_runs + jnp.sum(f32(ro.mask))
+        real_patches = jnp.sum(f32(batch.window_segment_ids != 0)) * prompt_runs
         metrics = {
             "loss": jnp.mean(per_update["loss"]),
             "grad_norm": jnp.mean(per_update["grad_norm"]),

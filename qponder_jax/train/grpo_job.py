@@ -58,6 +58,7 @@ def settings_from_config(config, *, stop_ids: tuple[int, ...], pad_id: int) -> G
             top_p=float(g.top_p),
             num_iterations=int(g.num_iterations),
             num_minibatches=int(g.num_minibatches),
+            share_prompts=bool(g.get("share_prompts", True)),
             advantage_std=str(g.advantage_std),
             advantage_eps=float(g.advantage_eps),
             score_numbers=int(g.score_numbers),

@@ -80,9 +80,14 @@ def hidden_and_head(model, batch: Batch) -> tuple[jax.Array, jax.Array]:
     x = model.embed_inputs(batch)  # [B, T, D]
     segment_ids = jnp.asarray(batch.attention_mask).astype(jnp.int32)
     hidden, _ = model.language_model(x, jnp.asarray(batch.position_ids), segment_ids)
+    return hidden, lm_head(model)
+
+
+def lm_head(model) -> jax.Array:
+    """The LM head [D, V] (the transposed embedding with tied word embeddings)."""
     if model.config.tie_word_embeddings:
-        return hidden, model.language_model.embed_tokens.embedding[...].T
-    return hidden, model.lm_head.kernel[...]
+        return model.language_model.embed_tokens.embedding[...].T
+    return model.lm_head.kernel[...]
 
 
 def chunked_next_token_loss(model, batch: Batch, chunk: int) -> tuple[jax.Array, jax.Array]:
