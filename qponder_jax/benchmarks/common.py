@@ -119,6 +119,22 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
     return seconds
 
 
+def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Wall seconds of `repeats` rounds that call each of `fns` once in turn (after `warmup` untimed rounds), so that
+    ours and the reference sample the same moments of a shared machine: load that comes and goes slows both sides
+    of a ratio instead of one."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
@@ -129,12 +145,16 @@ def matmul_peak(n: int = 2048, repeats: int = 3, dtype: str = "float32", torch_s
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
     dot = jax.jit(jnp.dot)
-    out = {"n": n, "dtype": dtype, "jnp_flops": flops / median(timed(lambda: dot(a, b).block_until_ready(), repeats))}
+    fns = {"jnp": lambda: dot(a, b).block_until_ready()}
     if torch_side:
         import torch
 
         ta, tb = torch.randn(n, n), torch.randn(n, n)
-        out["torch_flops"] = flops / median(timed(lambda: torch.mm(ta, tb), repeats))
+        fns["torch"] = lambda: torch.mm(ta, tb)
+    seconds = timed_interleaved(fns, repeats)
+    out = {"n": n, "dtype": dtype, "jnp_flops": flops / median(seconds["jnp"])}
+    if torch_side:
+        out["torch_flops"] = flops / median(seconds["torch"])
         out["torch_over_jnp"] = out["torch_flops"] / out["jnp_flops"]
     return out
 

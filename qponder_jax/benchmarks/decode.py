@@ -2,7 +2,8 @@
 
 Same random weights (ours saved with `save_hf`, loaded by transformers), the same left-padded batch of image prompts
 (demo tokenizer, one image per prompt), greedy, every sequence run to full length (no stop token). Both sides are
-warmed up, then timed end to end (prefill included; ours with block_until_ready); the median of `--repeats` runs.
+warmed up, then timed end to end (prefill included; ours with block_until_ready) in `--repeats` alternating rounds
+(ours, then the reference, so both see the same machine load); the median of each side.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ import tempfile
 import jax
 import numpy as np
 
-from qponder_jax.benchmarks.common import SIZES, environment, image_prompts, median, random_setup, timed
+from qponder_jax.benchmarks.common import (
+    SIZES,
+    device_peak,
+    environment,
+    image_prompts,
+    median,
+    random_setup,
+    timed_interleaved,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers (e.g. on an accelerator)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -52,16 +62,19 @@ def run(args: argparse.Namespace) -> dict:
     from qponder_jax.sampling import generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, config, model, torch_model = random_setup(args.size, args.seed, tmp)
-    torch_model.eval()
+        proc, config, model, torch_model = random_setup(args.size, args.seed, tmp, with_torch=not args.no_reference)
     examples, batch = image_prompts(proc, args.batch, args.prompt_tokens, args.image_size, args.seed)
 
     def ours():
         out = generate(model, batch, max_new_tokens=args.new_tokens, stop_ids=())
         return np.asarray(jax.block_until_ready(out.tokens))
 
-    ours_s = timed(ours, args.repeats)
-    ref_s = timed(lambda: _hf_generate(torch_model, batch, examples, args.new_tokens), args.repeats)
+    fns = {"ours": ours}
+    if torch_model is not None:
+        torch_model.eval()
+        fns["reference"] = lambda: _hf_generate(torch_model, batch, examples, args.new_tokens)
+    seconds = timed_interleaved(fns, args.repeats)
+    ours_s = seconds["ours"]
     generated = args.batch * args.new_tokens
     result = {
         "what": "decode",
@@ -76,15 +89,48 @@ def run(args: argparse.Namespace) -> dict:
             "repeats": args.repeats,
         },
         "ours": {"seconds": median(ours_s), "all_seconds": ours_s},
-        "reference": {"name": "transformers generate (torch, CPU)", "seconds": median(ref_s)},
-        "tokens_equal": float(np.mean(ours() == _hf_generate(torch_model, batch, examples, args.new_tokens))),
-        "environment": environment(),
+        "reference": None,
+        "tokens_equal": None,
+        "ratio": None,
+        "device": device_peak(),
+        "environment": environment(torch_needed=torch_model is not None),
     }
-    result["reference"]["all_seconds"] = ref_s
-    for side in ("ours", "reference"):
-        result[side]["tokens_per_s"] = generated / result[side]["seconds"]
-    result["ratio"] = result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
+    result["ours"]["tokens_per_s"] = generated / result["ours"]["seconds"]
+    result["ours"].update(_decode_rates(model, result["ours"]["tokens_per_s"], args.batch, result["device"]))
+    if torch_model is not None:
+        ref_s = seconds["reference"]
+        result["reference"] = {"name": "transformers generate (torch, CPU)", "seconds": median(ref_s)}
+        result["reference"]["all_seconds"] = ref_s
+        result["reference"]["tokens_per_s"] = generated / result["reference"]["seconds"]
+        result["ratio"] = result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
+        result["tokens_equal"] = float(np.mean(ours() == fns["reference"]()))
     return result
+
+
+def _decode_rates(model, tokens_per_s: float, batch: int, dev: dict) -> dict:
+    """Absolute rates of our decode: model FLOP/s (2 per weight of the decoder and LM head per generated token; the
+    embedding lookup is not a matmul), the weight bytes read per second (every decode step reads those weights once
+    for the whole batch: the bound on a memory-bound step) and, on an accelerator, MFU against its bf16 peak."""
+    from flax import nnx
+
+    from qponder_jax.train.optim import named_leaves
+
+    _, params = nnx.split(model, nnx.Param)
+    leaves = [
+        (path, x)
+        for path, x in named_leaves(params)
+        if not path.startswith("visual") and not ("embed_tokens" in path and not model.config.tie_word_embeddings)
+    ]
+    weights = sum(int(np.prod(x.shape)) for _, x in leaves)
+    weight_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for _, x in leaves)
+    rates = {
+        "decode_weights": weights,
+        "model_flops_per_s": 2.0 * weights * tokens_per_s,
+        "weight_bytes_per_s": weight_bytes * tokens_per_s / batch,
+    }
+    if dev["peak_flops_per_device"]:
+        rates["mfu"] = rates["model_flops_per_s"] / dev["peak_flops_per_device"]
+    return rates
 
 
 def show(result: dict) -> None:
@@ -94,6 +140,20 @@ def show(result: dict) -> None:
         f"({w['image_tokens']} image), {w['new_tokens']} new tokens, {w['sampling']}, median of {w['repeats']}"
     )
     print(f"{'':<36}{'seconds':>10}{'tokens/s':>12}")
-    for side, name in (("ours", "qponder_jax.sampling.generate"), ("reference", result["reference"]["name"])):
+    sides = [("ours", "qponder_jax.sampling.generate")]
+    if result["reference"]:
+        sides.append(("reference", result["reference"]["name"]))
+    for side, name in sides:
         print(f"{name:<36}{result[side]['seconds']:>10.3f}{result[side]['tokens_per_s']:>12.1f}")
-    print(f"ratio (ours / reference): {result['ratio']:.2f}x; greedy tokens equal: {result['tokens_equal']:.0%}")
+    ours, dev = result["ours"], result["device"]
+    line = (
+        f"ours: {ours['model_flops_per_s'] / 1e9:.2f} model GFLOP/s, {ours['weight_bytes_per_s'] / 1e9:.2f} GB/s of "
+        f"weights read ({ours['decode_weights'] / 1e6:.1f}M decode weights; {dev['device_kind']})"
+    )
+    if "mfu" in ours:
+        line += f", MFU {ours['mfu']:.2%} of the bf16 peak"
+    print(line)
+    if result["ratio"] is not None:
+        print(f"ratio (ours / reference): {result['ratio']:.2f}x; greedy tokens equal: {result['tokens_equal']:.0%}")
+    else:
+        print("reference skipped (--no-reference)")

@@ -31,7 +31,7 @@ from qponder_jax.benchmarks.common import (
     print_table,
     random_setup,
     row,
-    timed,
+    timed_interleaved,
 )
 
 
@@ -119,14 +119,19 @@ def run_size(args: argparse.Namespace, size: str, peak: dict, dev: dict) -> dict
         return float(jax.block_until_ready(metrics["loss"]))
 
     ours_loss = ours()  # compiles
-    ours_s = timed(ours, args.repeats, warmup=0)
+    fns = {"ours": ours}
     tokens = args.batch * args.tokens
-    res = {"size": size, "flops_per_step": flops, "ours": {"loss": ours_loss, "all_seconds": ours_s}}
+    res = {"size": size, "flops_per_step": flops, "ours": {"loss": ours_loss}}
     ref_s = None
     if torch_model is not None:
-        torch_step = _torch_step(torch_model, batch, examples, config.image_token_id, lr)
-        res["reference"] = {"loss": torch_step(), "all_seconds": timed(torch_step, args.repeats, warmup=0)}
-        ref_s = median(res["reference"]["all_seconds"])
+        fns["reference"] = _torch_step(torch_model, batch, examples, config.image_token_id, lr)
+        res["reference"] = {"loss": fns["reference"]()}
+    seconds = timed_interleaved(fns, args.repeats, warmup=0)  # alternating rounds: both sides see the same load
+    ours_s = seconds["ours"]
+    res["ours"]["all_seconds"] = ours_s
+    if torch_model is not None:
+        res["reference"]["all_seconds"] = seconds["reference"]
+        ref_s = median(seconds["reference"])
     ours_m = median(ours_s)
     machine_peak = max(peak["jnp_flops"], peak.get("torch_flops", 0.0))
     rows = [
