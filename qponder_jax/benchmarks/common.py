@@ -119,16 +119,21 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
     return seconds
 
 
-def timed_interleaved(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, list[float]]:
+def timed_interleaved(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, pause: float = 0.5
+) -> dict[str, list[float]]:
     """Wall seconds of `repeats` rounds that call each of `fns` once in turn (after `warmup` untimed rounds), so that
     ours and the reference sample the same moments of a shared machine: load that comes and goes slows both sides
-    of a ratio instead of one."""
+    of a ratio instead of one. Each timed call starts after `pause` idle seconds: torch's OpenMP workers and XLA's
+    thread pool spin-wait for a while after their work, and without the pause they steal cores from the other
+    side's next call (measured: our SFT step 40% slower right after a torch step)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            time.sleep(pause)
             start = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - start)
