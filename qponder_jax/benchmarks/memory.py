@@ -92,6 +92,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--devices", default="64", help="comma-separated mesh sizes N (mesh (1, N, 1), FSDP)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
     parser.add_argument("--minibatches", type=int, default=0, help="GRPO minibatches per step (default: the config's)")
+    parser.add_argument(
+        "--no-share-prompts", action="store_true", help="GRPO update re-runs each prompt per completion (no sharing)"
+    )
     parser.add_argument("--validate", action="store_true", help="also compile (3, 3) layers and report the fit error")
     parser.add_argument("--direct", action="store_true", help="compile the full depth, no extrapolation (slow)")
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
@@ -103,12 +106,13 @@ def reduced(config: Qwen25VLConfig, text_layers: int, vision_blocks: int) -> Qwe
     return config.replace(text=dataclasses.replace(config.text, num_hidden_layers=text_layers), vision=vision)
 
 
-def _workloads(scale: float, minibatches: int = 0) -> tuple[dict, dict]:
+def _workloads(scale: float, minibatches: int = 0, share_prompts: bool = True) -> tuple[dict, dict]:
     s = lambda n, q=1: max(q, int(n * scale) // q * q)
     sft = dict(SFT, tokens=s(SFT["tokens"], 8), patches=s(SFT["patches"], 4))
     grpo = dict(GRPO, tokens=s(GRPO["tokens"], 8), patches=s(GRPO["patches"], 4), new_tokens=s(GRPO["new_tokens"]))
     if minibatches:
         grpo["minibatches"] = {name: minibatches for name in GRPO["minibatches"]}
+    grpo["share_prompts"] = share_prompts
     return sft, grpo
 
 
@@ -175,6 +179,7 @@ def _planned_bytes(model_name: str, config: Qwen25VLConfig, step: str, mesh, sft
         settings = grpo_lib.GRPOSettings(
             num_generations=grpo["generations"], max_new_tokens=grpo["new_tokens"],
             num_minibatches=grpo["minibatches"][model_name], loss=LossConfig(beta=grpo["beta"]),
+            share_prompts=grpo["share_prompts"],
         )  # fmt: skip
         fn = grpo_lib.GRPOStep(graphdef, rest, tx, optax.constant_schedule(1e-6), labels, settings)
         batch, batch_shards = _abstract_batch(config, grpo["prompts"], grpo["tokens"], grpo["patches"], mesh)
@@ -238,7 +243,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
     n = args.worker
     mesh = sharding.make_mesh((1, n, 1))
-    sft, grpo = _workloads(args.scale, args.minibatches)
+    sft, grpo = _workloads(args.scale, args.minibatches, not args.no_share_prompts)
     out = []
     for name in args.models.split(","):
         config = MODELS[name]
@@ -277,7 +282,7 @@ def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
     )
     cmd = [sys.executable, "-m", "qponder_jax.bench", "memory", "--worker", str(n), "--models", args.models]
     cmd += ["--steps", args.steps, "--scale", str(args.scale), "--minibatches", str(args.minibatches)]
-    cmd += ["--validate"] * args.validate + ["--direct"] * args.direct
+    cmd += ["--validate"] * args.validate + ["--direct"] * args.direct + ["--no-share-prompts"] * args.no_share_prompts
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"memory worker for {n} devices failed:\n{proc.stderr[-4000:]}")
@@ -292,7 +297,7 @@ def run(args: argparse.Namespace) -> dict:
         raise ValueError(f"memory: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     start = time.perf_counter()
     cases = [c for n in map(int, args.devices.split(",")) for c in _spawn(args, n)]
-    sft, grpo = _workloads(args.scale, args.minibatches)
+    sft, grpo = _workloads(args.scale, args.minibatches, not args.no_share_prompts)
     return {
         "what": "memory",
         "size": None,
