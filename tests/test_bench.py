@@ -80,6 +80,12 @@ def test_memory_smoke_and_fit_validation(tmp_path, capsys):
         # the per-layer fit predicts a directly compiled (3, 3)-layer model's plan
         assert case["validation"]["relative_error"] < 0.1, case["validation"]
     assert "GiB/device" in printed
+    # the same GRPO plan without prompt sharing (G 8 / M 2: shared by default) is a different program
+    argv = [*argv[:-1], "--steps", "grpo", "--no-share-prompts"]  # no --validate
+    unshared, _ = _run(tmp_path / "unshared", capsys, argv, "memory.json")
+    assert unshared["workload"]["grpo"]["share_prompts"] is False
+    shared = next(c for c in result["cases"] if c["step"] == "grpo")
+    assert unshared["cases"][0]["fit_points"] != shared["fit_points"]
 
 
 # ---- the memory fixes the plan relies on: chunked log-probs, weights tied to their loop / layer ----
@@ -131,12 +137,14 @@ def test_grpo_update_logprobs_equal_dense_model_logits():
     config = tiny_config()
     model = create_model(config, rngs_seed=1)
     graphdef, params, rest = state_lib.split_model(model)
-    settings = grpo_lib.GRPOSettings(max_new_tokens=6, logprob_chunk=100)  # vocab 512 -> 6 chunks, last padded
+    # the teacher-forced path (the shared-prompt one is checked against it in test_grpo.py); vocab 512 -> 6 chunks
+    settings = grpo_lib.GRPOSettings(max_new_tokens=6, logprob_chunk=100, share_prompts=False)
     step = grpo_lib.GRPOStep(graphdef, rest, optax.sgd(0.0), optax.constant_schedule(0.0), {}, settings)
     batch = _text_batch(config, rows=2, prompt=5, completion=6)
     tokens = jnp.asarray(batch.input_ids[:, 5:])
     mb = grpo_lib.Minibatch(batch=batch, tokens=tokens, mask=None, old_logp=None, advantages=None, ref_logp=None)
-    logp, entropy = jax.jit(lambda p: step._completion_logp(p, mb, 5))(params)
+    prompts = batch.replace(input_ids=batch.input_ids[:, :5])  # only the prompt length is read
+    logp, entropy = jax.jit(lambda p: step._completion_logp(p, mb, prompts))(params)
     logits = gl.completion_logits(model(batch), 5)  # [2, 6, V]
     np.testing.assert_allclose(logp, gl.token_logprobs(logits, tokens), atol=1e-5)
     np.testing.assert_allclose(entropy, gl.token_entropy(logits), atol=1e-5)

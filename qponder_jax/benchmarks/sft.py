@@ -3,8 +3,9 @@
 Both sides start from the same random weights (ours saved with `save_hf`, loaded by transformers) and see the same
 batch: `--batch` prompts of exactly `--tokens` tokens, each with one image, the loss on every non-image token (ours:
 `train.sft.SFTStep` under `jit_train_step`, state donated; torch: `labels=` with -100 on image tokens, `loss.backward`,
-`torch.optim.AdamW`). The first step's losses are reported side by side (the same work is being timed), then the
-median of `--repeats` steps.
+`torch.optim.AdamW`). The first step's losses are reported side by side (the same work is being timed), then one
+untimed round and `--repeats` timed rounds of one step per side in turn (`common.timed_interleaved`); the median of
+each side. torch's first steps in a process are slow (allocator warm-up), which the untimed round absorbs.
 
 FLOPs are the model FLOPs of `train.logging.FlopModel` (6 per trainable parameter per token / patch; attention scores
 left out), the same count for both sides. They are reported as a fraction of the machine's matmul peak, measured in
@@ -40,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=80, help="tokens per sequence, 16 image tokens included")
     parser.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul that measures the peak")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype")
     parser.add_argument("--no-reference", action="store_true", help="skip torch (e.g. on an accelerator)")
@@ -126,7 +127,7 @@ def run_size(args: argparse.Namespace, size: str, peak: dict, dev: dict) -> dict
     if torch_model is not None:
         fns["reference"] = _torch_step(torch_model, batch, examples, config.image_token_id, lr)
         res["reference"] = {"loss": fns["reference"]()}
-    seconds = timed_interleaved(fns, args.repeats, warmup=0)  # alternating rounds: both sides see the same load
+    seconds = timed_interleaved(fns, args.repeats)  # alternating rounds: both sides see the same load
     ours_s = seconds["ours"]
     res["ours"]["all_seconds"] = ours_s
     if torch_model is not None:
