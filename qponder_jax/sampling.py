@@ -15,6 +15,7 @@ N = B * num_samples; rows b*n .. b*n+n-1 are prompt b's samples. `batch` is enco
   top-k / top-p filtering. That is what a teacher-forced forward pass of the same model at temperature T gives, so
   GRPO's first importance ratio is exactly 1. With top-k / top-p the token was drawn from the renormalized nucleus,
   whose log-prob is higher by -log(kept mass).
+- Draws: `categorical`, inverse transform sampling with two uniforms per row (not V Gumbel draws).
 - Compilation: `_prefill` and `_decode` are module-level jitted functions whose cache is keyed by the model's graphdef,
   the static `SamplingConfig` and the input shapes/shardings; prompts, weights, keys and stop ids are traced inputs, so
   repeated calls with the same shapes do not recompile (`TRACES` counts traces). The cache is donated to `_decode`.
@@ -97,6 +98,39 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     return jnp.where(logits >= threshold, logits, -jnp.inf)
 
 
+_BLOCK = 128  # vocabulary block of `categorical`'s two-level inverse transform
+
+
+def categorical(rng: jax.Array, logits: jax.Array) -> jax.Array:
+    """One draw per row from softmax(logits), logits [N, V] (-inf = never drawn) -> [N] int32.
+
+    Inverse transform sampling in two levels, exact as a factorization: a block of `_BLOCK` consecutive tokens is
+    drawn by its probability mass, then a token within it by its probability given the block, each from its own
+    uniform. That takes 2 random numbers per row where `jax.random.categorical` (Gumbel-max) takes V, plus two logs
+    of each: at [32, 32000] on a CPU, 0.85 ms against 13.6 ms per decode step. A zero-probability token (-inf
+    logit, e.g. outside the top-k / top-p nucleus) is never returned; see `_inverse_cdf`.
+    """
+    n, v = logits.shape
+    blocks = -(-v // _BLOCK)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [N, V]
+    probs = jnp.pad(probs, ((0, 0), (0, blocks * _BLOCK - v))).reshape(n, blocks, _BLOCK)
+    uniform = jax.random.uniform(rng, (2, n))
+    block = _inverse_cdf(jnp.sum(probs, axis=-1), uniform[0])  # [N]
+    within = jnp.take_along_axis(probs, block[:, None, None], axis=1)[:, 0]  # [N, _BLOCK]
+    return (block * _BLOCK + _inverse_cdf(within, uniform[1])).astype(jnp.int32)
+
+
+def _inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
+    """Index [N] drawn with probability p / sum(p) for p [N, K] >= 0 (unnormalized) and u [N] uniform in [0, 1):
+    the first index whose cumulative mass exceeds u * sum(p). Leading zeros are skipped (their cumulative mass 0 is
+    <= u * sum(p) even for u = 0), trailing ones too while u * sum(p) < sum(p), which holds in float32 for u < 1; the
+    clamp to the last positive entry guards against a cumulative sum that a parallel scan rounds non-monotonically."""
+    cum = jnp.cumsum(p, axis=-1)
+    index = jnp.sum(cum <= (u * cum[:, -1])[:, None], axis=-1)
+    last_positive = p.shape[-1] - 1 - jnp.argmax(p[:, ::-1] > 0, axis=-1)
+    return jnp.minimum(index, last_positive)
+
+
 def sample_token(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """logits [N, V] -> (token [N] int32, its log-prob [N] under log_softmax(logits / T), T = 1 when greedy)."""
     if config.greedy:
@@ -104,7 +138,7 @@ def sample_token(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> t
         token = jnp.argmax(logits, axis=-1)
     else:
         scaled = logits / config.temperature
-        token = jax.random.categorical(rng, filter_logits(scaled, config.top_k, config.top_p), axis=-1)
+        token = categorical(rng, filter_logits(scaled, config.top_k, config.top_p))
     logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
     return token.astype(jnp.int32), logprob
 

@@ -339,7 +339,9 @@ def test_shared_prompt_step_matches_the_teacher_forced_step(cold_start, proc):
         np.testing.assert_allclose(m_s[key], m_f[key], rtol=1e-4, atol=1e-7, err_msg=key)
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p_f), jax.tree.leaves(before)))
     diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p_s), jax.tree.leaves(p_f)))
-    assert moved > 1e-3 and diff < 1e-3 * moved, (moved, diff)
+    # fp32 reassociation noise, which AdamW's normalized updates amplify for near-zero gradients (the mesh test above
+    # allows 0.02); measured 4.5e-6 of 4.0e-3 moved. A wrong gradient flips updates: diff ~ moved.
+    assert moved > 1e-3 and diff < 0.01 * moved, (moved, diff)
     prompt_tokens = float(batch.attention_mask.sum())
     assert m_f["tokens"] - m_s["tokens"] == pytest.approx(
         2 * prompt_tokens * (4 - 2), rel=1e-6

@@ -230,6 +230,42 @@ def test_filter_logits_keeps_the_nucleus():
     np.testing.assert_allclose(freq, [0.15 / 0.85, 0.5 / 0.85, 0, 0.2 / 0.85, 0], atol=0.015)
 
 
+@pytest.mark.parametrize("vocab", [5, 128, 300])
+def test_categorical_draws_follow_the_softmax(vocab):
+    """`sampling.categorical` (two-level inverse transform) against the softmax: chi-square per row, zero-probability
+    tokens never drawn (leading, trailing, a whole zero block, the partial last block), rows independent, and rows
+    whose whole mass is on the first or the last token."""
+    from scipy.stats import chisquare
+
+    probs = 1.0 + np.arange(vocab) % 7.0
+    zero = np.zeros(vocab, bool)
+    zero[[0, vocab - 1]] = True
+    zero[1::5] = True
+    if vocab > 256:
+        zero[128:256] = True  # the second block of 128 has no mass
+    probs[zero] = 0.0
+    probs /= probs.sum()
+    reverse = probs[::-1]
+    first, last = np.eye(vocab)[0], np.eye(vocab)[-1]
+    with np.errstate(divide="ignore"):
+        rows = np.log(np.stack([probs, reverse, first, last]))  # -inf where the probability is 0
+    n = 40_000
+    logits = jnp.asarray(np.repeat(rows, n, axis=0), jnp.float32)
+    draws = np.asarray(sampling.categorical(jax.random.key(vocab), logits)).reshape(4, n)
+    assert draws.dtype == np.int32
+    for row, p in zip(draws[:2], (probs, reverse), strict=True):
+        counts = np.bincount(row, minlength=vocab)
+        assert counts[p == 0].sum() == 0
+        assert chisquare(counts[p > 0], n * p[p > 0]).pvalue > 1e-4
+    assert (draws[2] == 0).all() and (draws[3] == vocab - 1).all()
+    # the extreme uniforms land on positive entries whatever the rounding: u = 0 skips leading zeros, u just below 1
+    # (u * total may round up to the total) stops at the last positive entry, not on the trailing zeros
+    p = jnp.asarray([[0.0, 0.1, 0.3, 0.0], [0.0, 0.0, 1e-30, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    for u, expected in ((0.0, [1, 2, 0]), (np.nextafter(np.float32(1), np.float32(0)), [2, 2, 0])):
+        index = sampling._inverse_cdf(p, jnp.full((3,), u, jnp.float32))
+        assert np.asarray(index).tolist() == expected
+
+
 def test_filter_logits_matches_transformers_warpers():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
