@@ -79,3 +79,14 @@ def test_attention_matches_reference(causal):
     valid = seg != 0
     np.testing.assert_allclose(out[valid], ref[valid], atol=1e-5)
     assert np.isfinite(out).all()
+    # the KV cache's head-major layout [B, Hkv, Tk, Dh] gives the same result
+    heads_major = attention(
+        q,
+        np.swapaxes(k, 1, 2),
+        np.swapaxes(v, 1, 2),
+        q_segment_ids=seg,
+        kv_segment_ids=seg,
+        causal=causal,
+        kv_heads_major=True,
+    )
+    np.testing.assert_allclose(np.asarray(heads_major)[valid], ref[valid], atol=1e-5)

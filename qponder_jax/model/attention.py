@@ -46,15 +46,17 @@ def attention(
     q_positions: jax.Array | None = None,
     kv_positions: jax.Array | None = None,
     impl: str = "xla",
+    kv_heads_major: bool = False,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped key/value heads.
 
-    q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H a multiple of Hkv; segment ids [B, Tq] / [B, Tk]
+    q: [B, Tq, H, Dh]; k, v: [B, Tk, Hkv, Dh] with H a multiple of Hkv ([B, Hkv, Tk, Dh] with `kv_heads_major`,
+    the KV cache's layout, which the matmuls read without a transpose); segment ids [B, Tq] / [B, Tk]
     int32 (0 = padding); positions (for `causal`) are slot indices, [B, Tq] / [B, Tk], defaulting to
     arange. Returns [B, Tq, H, Dh] in q's dtype. Softmax runs in float32.
     """
     b, tq, h, dh = q.shape
-    hkv = k.shape[2]
+    hkv = k.shape[1 if kv_heads_major else 2]
     if h % hkv:
         raise ValueError(f"query heads ({h}) must be a multiple of key/value heads ({hkv})")
     mask = attention_mask(
@@ -62,14 +64,20 @@ def attention(
     )  # [B, Tq, Tk]
     if impl == "cudnn":
         # cuDNN flash attention on NVIDIA GPUs; jax handles GQA (H a multiple of Hkv) itself.
+        if kv_heads_major:
+            k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation="cudnn")
     if impl != "xla":
         raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")
     groups = h // hkv
     q = q.reshape(b, tq, hkv, groups, dh)
-    logits = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32)
+    kv = "bksd" if kv_heads_major else "bskd"
+    logits = jnp.einsum(f"bqkgd,{kv}->bkgqs", q, k, preferred_element_type=jnp.float32)
     logits = logits * (dh**-0.5)  # [B, Hkv, G, Tq, Tk]
     logits = jnp.where(mask[:, None, None], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)  # [B, Tq, Hkv, G, Dh]
+    if kv_heads_major:  # a plain batched GEMM per (b, k): [G*Tq, Tk] x [Tk, Dh]; then the small output transposed
+        out = jnp.einsum("bkgqs,bksd->bkgqd", probs, v).transpose(0, 3, 1, 2, 4)  # [B, Tq, Hkv, G, Dh]
+    else:
+        out = jnp.einsum("bkgqs,bskd->bqkgd", probs, v)  # [B, Tq, Hkv, G, Dh]
     return out.reshape(b, tq, h, dh)

@@ -21,7 +21,8 @@ from qponder_jax.model.attention import attention
 from qponder_jax.model.config import TextConfig
 from qponder_jax.model.layers import DEFAULT_INIT, GatedMLP, RMSNorm, apply_rotary, linear
 
-_KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")
+_KV_AXES = ("batch", "length", "act_kv_heads", "head_dim")  # this call's keys/values [B, T, Hkv, Dh]
+_CACHE_AXES = ("batch", "act_kv_heads", "length", "head_dim")  # cached keys/values [B, Hkv, S, Dh]
 
 
 @flax.struct.dataclass
@@ -33,8 +34,8 @@ class KVCache:
     `lax.dynamic_update_slice` clamps out-of-range writes instead of failing.
     """
 
-    k: tuple[jax.Array, ...]  # per layer [B, S, Hkv, Dh]
-    v: tuple[jax.Array, ...]  # per layer [B, S, Hkv, Dh]
+    k: tuple[jax.Array, ...]  # per layer [B, Hkv, S, Dh]: head-major, the layout the attention matmuls read
+    v: tuple[jax.Array, ...]  # per layer [B, Hkv, S, Dh]
     segment_ids: jax.Array  # [B, S] int32; 1 on written real tokens, 0 elsewhere
     index: jax.Array  # [] int32
 
@@ -45,8 +46,8 @@ class KVCache:
     @classmethod
     def create(cls, config: TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
         """An empty cache of `max_length` slots for `batch_size` rows."""
-        shape = (batch_size, max_length, config.num_key_value_heads, config.head_dim)
-        zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), _KV_AXES)
+        shape = (batch_size, config.num_key_value_heads, max_length, config.head_dim)
+        zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), _CACHE_AXES)
         layers = range(config.num_hidden_layers)
         return cls(
             k=tuple(zeros() for _ in layers),
@@ -58,7 +59,7 @@ class KVCache:
     def repeat(self, n: int) -> KVCache:
         """Each row repeated `n` times in place (row b -> rows b*n .. b*n+n-1), e.g. for sampling n completions;
         kept on the cache's sharding (rows over the batch axes)."""
-        rep = lambda x: sharding.constrain(jnp.repeat(x, n, axis=0), _KV_AXES)
+        rep = lambda x: sharding.constrain(jnp.repeat(x, n, axis=0), _CACHE_AXES)
         return self.replace(
             k=tuple(rep(x) for x in self.k),
             v=tuple(rep(x) for x in self.v),
@@ -100,7 +101,7 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, segment_ids, cache_kv=None, kv_segment_ids=None, index=None):
         """x [B, T, D] -> ([B, T, D], (k, v) cache layer or None).
 
-        Without a cache, tokens attend causally within the batch. With `cache_kv` = (k, v) [B, S, Hkv, Dh], this
+        Without a cache, tokens attend causally within the batch. With `cache_kv` = (k, v) [B, Hkv, S, Dh], this
         step's keys/values are written at slot `index` and the queries attend to every valid slot up to their own;
         `kv_segment_ids` [B, S] must already include this step's tokens.
         """
@@ -118,10 +119,10 @@ class Attention(nnx.Module):
             new_cache = None
         else:
             cache_k, cache_v = cache_kv
-            start = (0, index, 0, 0)
+            start = (0, 0, index, 0)
             cache_k = _write_slots(cache_k, k, start)
             cache_v = _write_slots(cache_v, v, start)
-            s = cache_k.shape[1]
+            s = cache_k.shape[2]
             q_positions = jnp.broadcast_to(index + jnp.arange(t, dtype=jnp.int32), (b, t))
             kv_positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
             out = attention(
@@ -134,6 +135,7 @@ class Attention(nnx.Module):
                 q_positions=q_positions,
                 kv_positions=kv_positions,
                 impl=self.attn_impl,
+                kv_heads_major=True,
             )
             new_cache = (cache_k, cache_v)
         out = out.reshape(b, t, self.num_heads * self.head_dim)  # [B, T, H*Dh]
@@ -141,9 +143,12 @@ class Attention(nnx.Module):
 
 
 def _write_slots(buffer: jax.Array, update: jax.Array, start) -> jax.Array:
-    """`buffer` with `update` written at `start` (cast to the buffer's dtype), kept on the KV sharding."""
-    out = jax.lax.dynamic_update_slice(buffer, update.astype(buffer.dtype), start)
-    return sharding.constrain(out, _KV_AXES)
+    """`buffer` [B, Hkv, S, Dh] with `update` [B, T, Hkv, Dh] written at `start` (cast to the buffer's dtype), kept
+    on the cache sharding. Only the T new tokens are transposed; a token-major cache would be transposed whole by
+    the attention matmuls at every decode step."""
+    update = jnp.swapaxes(update, 1, 2).astype(buffer.dtype)
+    out = jax.lax.dynamic_update_slice(buffer, update, start)
+    return sharding.constrain(out, _CACHE_AXES)
 
 
 class DecoderLayer(nnx.Module):
