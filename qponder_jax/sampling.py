@@ -132,15 +132,29 @@ def _inverse_cdf(p: jax.Array, u: jax.Array) -> jax.Array:
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, config: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """logits [N, V] -> (token [N] int32, its log-prob [N] under log_softmax(logits / T), T = 1 when greedy)."""
+    """logits [N, V] -> (token [N] int32, its log-prob [N] under log_softmax(logits / T), T = 1 when greedy).
+
+    The log-prob is `scaled[token] - max - log(sum(exp(scaled - max)))`, log_softmax's own formula, read at one
+    entry per row instead of written out at [N, V] and gathered; on a CPU the greedy step's argmax and log-prob
+    took 3.3 ms at [32, 32000] that way and take 0.8 ms this way."""
+    scaled = logits if config.greedy else logits / config.temperature
+    top = jnp.max(scaled, axis=-1, keepdims=True)  # [N, 1]
     if config.greedy:
-        scaled = logits
-        token = jnp.argmax(logits, axis=-1)
+        token = first_argmax(scaled, top)
     else:
-        scaled = logits / config.temperature
         token = categorical(rng, filter_logits(scaled, config.top_k, config.top_p))
-    logprob = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), token[:, None], axis=-1)[:, 0]
+    picked = jnp.take_along_axis(scaled, token[:, None], axis=-1)[:, 0]
+    logprob = picked - top[:, 0] - jnp.log(jnp.sum(jnp.exp(scaled - top), axis=-1))
     return token.astype(jnp.int32), logprob
+
+
+def first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
+    """`jnp.argmax(x, axis=-1)` for x [N, V] given its row maxima `top` [N, 1]: the first index holding the maximum
+    (or, as argmax, the first NaN). Two plain reductions, which XLA:CPU vectorizes; argmax's (value, index) pair
+    reduction it does not (30 us against about 10 us per decode step at [8, 1024])."""
+    index = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = (x == top) | jnp.isnan(x)
+    return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))

@@ -266,6 +266,38 @@ def test_categorical_draws_follow_the_softmax(vocab):
         assert np.asarray(index).tolist() == expected
 
 
+def test_sample_token_argmax_and_logprob_match_numpy():
+    """The greedy token is argmax's (first of tied maxima, first NaN, 0 for an all -inf row) and every log-prob is
+    log_softmax(logits / T) at the chosen token, in float64 numpy."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0.0, 3.0, (6, 300)).astype(np.float32)
+    logits[1, [7, 150, 299]] = 50.0  # tied maxima
+    logits[2, [4, 9]] = np.nan
+    logits[3] = -np.inf
+    logits[4, -1] = 40.0  # the maximum in the last column
+    logits[5, :290] = -np.inf
+    greedy = sampling.SamplingConfig(max_new_tokens=1)
+    token, logprob = sampling.sample_token(jnp.asarray(logits), jax.random.key(0), greedy)
+    assert token.dtype == jnp.int32
+    token, logprob = np.asarray(token), np.asarray(logprob)
+    assert token.tolist() == np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)).tolist()
+    assert token.tolist()[:5] == [int(np.argmax(logits[0])), 7, 4, 0, 299]
+
+    def numpy_logprob(x, tokens):
+        x = x.astype(np.float64)
+        top = x.max(axis=-1, keepdims=True)
+        logp = x - top - np.log(np.exp(x - top).sum(axis=-1, keepdims=True))
+        return logp[np.arange(len(tokens)), tokens]
+
+    finite = [0, 1, 4, 5]
+    np.testing.assert_allclose(logprob[finite], numpy_logprob(logits[finite], token[finite]), atol=1e-5)
+    assert logprob[1] == pytest.approx(-np.log(3.0), abs=1e-6)  # three tied maxima
+    sampled = sampling.SamplingConfig(max_new_tokens=1, temperature=0.7, top_k=5)
+    x = logits[[0, 4, 5]]
+    token, logprob = sampling.sample_token(jnp.asarray(x), jax.random.key(1), sampled)
+    np.testing.assert_allclose(np.asarray(logprob), numpy_logprob(x / 0.7, np.asarray(token)), atol=1e-5)
+
+
 def test_filter_logits_matches_transformers_warpers():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 
