@@ -120,13 +120,16 @@ def timed(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float
 
 
 def timed_interleaved(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, pause: float = 0.5
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, pause: float = 0.5, prime: bool = True
 ) -> dict[str, list[float]]:
     """Wall seconds of `repeats` rounds that call each of `fns` once in turn (after `warmup` untimed rounds), so that
     ours and the reference sample the same moments of a shared machine: load that comes and goes slows both sides
     of a ratio instead of one. Each timed call starts after `pause` idle seconds: torch's OpenMP workers and XLA's
     thread pool spin-wait for a while after their work, and without the pause they steal cores from the other
-    side's next call (measured: our SFT step 40% slower right after a torch step)."""
+    side's next call (measured: our SFT step 40% slower right after a torch step). With `prime`, an untimed call of
+    the same function runs between the pause and the timed one, so each side is timed warm, as in a loop over
+    batches: straight after an idle pause the thread pools' workers are asleep and the caches cold (measured: our
+    tiny decode 37 ms after a 0.5 s pause, 30 ms back to back)."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -134,6 +137,8 @@ def timed_interleaved(
     for _ in range(repeats):
         for name, fn in fns.items():
             time.sleep(pause)
+            if prime:
+                fn()
             start = time.perf_counter()
             fn()
             seconds[name].append(time.perf_counter() - start)
