@@ -298,6 +298,41 @@ def test_sample_token_argmax_and_logprob_match_numpy():
     np.testing.assert_allclose(np.asarray(logprob), numpy_logprob(x / 0.7, np.asarray(token)), atol=1e-5)
 
 
+def test_cached_split_follows_updates_and_structure():
+    """`cached_split` equals `nnx.split` on first and later calls: it returns the arrays the model holds now (after
+    an in-place update), re-splits after a structural change, and holds no reference to the model."""
+    import gc
+    import weakref
+
+    from qponder_jax.model.qwen2_5_vl import create_model
+
+    model = create_model(tiny_config(), rngs_seed=3)
+
+    def same_as_split(model):
+        graphdef, state = sampling.cached_split(model)
+        ref_graphdef, ref_state = nnx.split(model)
+        assert graphdef == ref_graphdef
+        assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+        assert all(a is b for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(ref_state), strict=True))
+        return state
+
+    same_as_split(model)
+    assert model in sampling._SPLITS
+    kernel = model.lm_head.kernel
+    kernel[...] = kernel[...] + 1.0  # an in-place update, as an optimizer step on the live model
+    state = same_as_split(model)
+    np.testing.assert_array_equal(state["lm_head"]["kernel"][...], kernel[...])
+    nnx.update(model, jax.tree.map(jnp.zeros_like, nnx.state(model, nnx.Param)))
+    assert not jax.tree.leaves(same_as_split(model)["lm_head"])[0].any()
+    model.language_model.layers[0].mlp.extra = nnx.Param(jnp.ones((3,)))  # a new variable: the structure changes
+    state = same_as_split(model)
+    assert state["language_model"]["layers"][0]["mlp"]["extra"][...].shape == (3,)
+    alive, entries = weakref.ref(model), len(sampling._SPLITS)
+    del model, state, kernel
+    gc.collect()
+    assert alive() is None and len(sampling._SPLITS) == entries - 1
+
+
 def test_filter_logits_matches_transformers_warpers():
     from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
 

@@ -26,6 +26,7 @@ from jax.experimental import multihost_utils
 from qponder_jax import prompts
 from qponder_jax.data.processing import Example, Processor
 from qponder_jax.rewards.parse import parse_text
+from qponder_jax.sampling import cached_split
 from qponder_jax.train.sft import batch_shardings
 
 LEVEL_WEIGHTS = np.arange(1, len(prompts.LEVELS) + 1, dtype=np.float32)  # bad=1 .. excellent=5
@@ -106,7 +107,7 @@ def _answer_logits(graphdef, state, batch, token_ids):
 
 def answer_logits(model, batch, token_ids: np.ndarray, mesh: jax.sharding.Mesh) -> np.ndarray:
     """Logits [B, 5] of `token_ids` at the last position of a left-padded batch (no decoding)."""
-    graphdef, state = nnx.split(model)
+    graphdef, state = cached_split(model)
     with jax.set_mesh(mesh):
         placed = jax.device_put(batch, batch_shardings(batch, mesh))
         return to_host(_answer_logits(graphdef, state, placed, jnp.asarray(token_ids)))
