@@ -230,6 +230,13 @@ def sample(
     return _decode(graphdef, params, state, stop_ids, config=config)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+def _generate(graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig) -> SampleOutput:
+    """`sample` as one executable: one dispatch per `generate` call, and only its outputs leave it."""
+    state, mask = sample(graphdef, params, batch, rng, stop_ids, config=config)
+    return SampleOutput(state.tokens, state.logprobs, state.lengths, mask, state.step)
+
+
 def generate(
     model: Qwen25VL,
     batch: Batch,
@@ -276,8 +283,7 @@ def generate(
     mesh = _mesh_of(params)
     batch = _place(batch, mesh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        state, mask = sample(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config)
-    return SampleOutput(state.tokens, state.logprobs, state.lengths, mask, state.step)
+        return _generate(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config)
 
 
 def completion_batch(batch: Batch, out: SampleOutput, num_samples: int = 1) -> Batch:
