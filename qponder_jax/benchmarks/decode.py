@@ -3,7 +3,8 @@
 Same random weights (ours saved with `save_hf`, loaded by transformers), the same left-padded batch of image prompts
 (demo tokenizer, one image per prompt), greedy, every sequence run to full length (no stop token). Both sides are
 warmed up, then timed end to end (prefill included; ours with block_until_ready) in `--repeats` alternating rounds
-(ours, then the reference, so both see the same machine load); the median of each side.
+(ours, then the reference, so both see the same machine load), each timed call the second after an idle pause, as
+in a loop over batches (`common.timed_interleaved`); the median of each side.
 """
 
 from __future__ import annotations

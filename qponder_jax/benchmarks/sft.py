@@ -4,8 +4,9 @@ Both sides start from the same random weights (ours saved with `save_hf`, loaded
 batch: `--batch` prompts of exactly `--tokens` tokens, each with one image, the loss on every non-image token (ours:
 `train.sft.SFTStep` under `jit_train_step`, state donated; torch: `labels=` with -100 on image tokens, `loss.backward`,
 `torch.optim.AdamW`). The first step's losses are reported side by side (the same work is being timed), then one
-untimed round and `--repeats` timed rounds of one step per side in turn (`common.timed_interleaved`); the median of
-each side. torch's first steps in a process are slow (allocator warm-up), which the untimed round absorbs.
+untimed round and `--repeats` timed rounds of one step per side in turn, each timed step the second after an idle
+pause (`common.timed_interleaved`); the median of each side. torch's first steps in a process are slow (allocator
+warm-up), which the untimed round absorbs.
 
 FLOPs are the model FLOPs of `train.logging.FlopModel` (6 per trainable parameter per token / patch; attention scores
 left out), the same count for both sides. They are reported as a fraction of the machine's matmul peak, measured in
