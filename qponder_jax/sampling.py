@@ -18,7 +18,8 @@ N = B * num_samples; rows b*n .. b*n+n-1 are prompt b's samples. `batch` is enco
 - Draws: `categorical`, inverse transform sampling with two uniforms per row (not V Gumbel draws).
 - Compilation: `_prefill` and `_decode` are module-level jitted functions whose cache is keyed by the model's graphdef,
   the static `SamplingConfig` and the input shapes/shardings; prompts, weights, keys and stop ids are traced inputs, so
-  repeated calls with the same shapes do not recompile (`TRACES` counts traces). The cache is donated to `_decode`.
+  repeated calls with the same shapes do not recompile (`TRACES` counts traces). Called alone, `_decode` takes the
+  cache donated; `generate` runs both inside one executable (`_generate`), the GRPO step inside its own jit.
 """
 
 from __future__ import annotations
