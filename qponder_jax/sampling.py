@@ -274,13 +274,6 @@ def generate(
     elif isinstance(rng, int):
         rng = jax.random.key(rng)
     graphdef, params = cached_split(model)
-    try:
-        hash(graphdef)  # the jit cache key
-    except TypeError as e:
-        raise TypeError(
-            f"generate: the model's static attributes must be hashable ({e}); e.g. config.text.eos_token_id must be "
-            "an int or a tuple, not a list"
-        ) from e
     mesh = _mesh_of(params)
     batch = _place(batch, mesh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -325,13 +318,21 @@ def cached_split(model) -> tuple[nnx.GraphDef, nnx.State]:
     flattening is several times cheaper, so the first split records which pytree leaf is which state leaf; later
     calls with an equal pytree structure rebuild the state from the current leaves (the arrays the model holds now,
     after any in-place update) through that record. Nothing but the structure is kept, and only while the model
-    lives; a model whose leaves are not distinct arrays is split the plain way every time."""
+    lives; a model whose leaves are not distinct arrays is split the plain way every time. The graphdef is the jit
+    cache key of the callers, so a fresh split checks that it hashes."""
     leaves, treedef = jax.tree.flatten(model)
     cached = _SPLITS.get(model)
     if cached is not None and cached[0] == treedef:
         _, graphdef, state_def, order = cached
         return graphdef, jax.tree.unflatten(state_def, [leaves[i] for i in order])
     graphdef, state = nnx.split(model)
+    try:
+        hash(graphdef)
+    except TypeError as e:
+        raise TypeError(
+            f"the model's static attributes must be hashable ({e}); e.g. config.text.eos_token_id must be an int "
+            "or a tuple, not a list"
+        ) from e
     state_leaves, state_def = jax.tree.flatten(state)
     where = {id(x): i for i, x in enumerate(leaves)}
     order = [where.get(id(x)) for x in state_leaves]

@@ -327,6 +327,10 @@ def test_cached_split_follows_updates_and_structure():
     model.language_model.layers[0].mlp.extra = nnx.Param(jnp.ones((3,)))  # a new variable: the structure changes
     state = same_as_split(model)
     assert state["language_model"]["layers"][0]["mlp"]["extra"][...].shape == (3,)
+    text = dataclasses.replace(model.config.text, eos_token_id=[1, 2])  # a list: the graphdef cannot be a jit key
+    unhashable = create_model(dataclasses.replace(model.config, text=text), rngs_seed=3)
+    with pytest.raises(TypeError, match="must be hashable"):
+        sampling.cached_split(unhashable)
     alive, entries = weakref.ref(model), len(sampling._SPLITS)
     del model, state, kernel
     gc.collect()
