@@ -91,9 +91,10 @@ def test_memory_smoke_and_fit_validation(tmp_path, capsys):
 # ---- the memory fixes the plan relies on: chunked log-probs, weights tied to their loop / layer ----
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_logprobs_equal_dense(temperature):
-    """Vocab 50 in chunks of 16 (the last one padded): same log-probs, entropies and gradients as dense logits."""
+@pytest.mark.parametrize("temperature,chunk", [(1.0, 16), (0.7, 16), (0.7, 25), (1.0, 64)])
+def test_chunked_logprobs_equal_dense(temperature, chunk):
+    """Vocab 50 in chunks of 16 (the last one padded), 25 (no padding) or one chunk: same log-probs, entropies and
+    gradients (the hand-written backward) as dense logits."""
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -110,7 +111,7 @@ def test_chunked_logprobs_equal_dense(temperature):
         logits = jnp.einsum("nld,dv->nlv", h, w)
         return gl.token_logprobs(logits, tokens, temperature), gl.token_entropy(logits, temperature)
 
-    chunked = lambda h, w: gl.chunked_token_logprobs(h, w, tokens, temperature, chunk=16)
+    chunked = lambda h, w: gl.chunked_token_logprobs(h, w, tokens, temperature, chunk=chunk)
     (logp_d, ent_d), (logp_c, ent_c) = dense(hidden, w), jax.jit(chunked)(hidden, w)
     np.testing.assert_allclose(logp_c, logp_d, atol=1e-5)
     np.testing.assert_allclose(ent_c, ent_d, atol=1e-5)

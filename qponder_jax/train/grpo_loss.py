@@ -16,6 +16,7 @@ its gradient is then zero.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -139,45 +140,92 @@ def chunked_token_logprobs(
     """(log-probs [N, L], entropies [N, L]) of `tokens` [N, L] under logits = hidden [N, L, D] @ w [D, V] / temperature,
     without materializing the [N, L, V] logits.
 
-    Equal to `token_logprobs` / `token_entropy` of the dense logits (same per-element matmul, fp32 softmax). A
-    checkpointed `lax.scan` over vocab chunks of `chunk` columns keeps an online log-sum-exp, the target logit and
-    sum(p * logit); the backward pass recomputes each chunk's logits, so at most one [N, L, chunk] block and one
-    [D, chunk] slice of the (FSDP all-gathered) head are live. The entropy carries no gradient (a metric).
+    Equal to `token_logprobs` / `token_entropy` of the dense logits (same per-element matmul, fp32 softmax). The
+    forward is a `lax.scan` over vocab chunks of `chunk` columns that keeps an online log-sum-exp, the target logit
+    and sum(p * logit); only the log-sum-exp [N, L] is kept for the backward. The backward is written out (a custom
+    VJP): a second scan recomputes each chunk's logits and applies d logp / d logits = onehot(token) - softmax, so at
+    most one [N, L, chunk] block and one [D, chunk] slice of the (FSDP all-gathered) head are live, and none of the
+    online rescaling is differentiated. The entropy carries no gradient (a metric).
     """
-    n, steps, d = hidden.shape
-    vocab = w.shape[1]
+    return _chunked_logprobs(hidden, w, tokens.astype(jnp.int32), float(temperature), int(chunk))
+
+
+def _vocab_chunks(w: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, int]:
+    """(w as [num, D, chunk] column blocks, zero-padded; each block's first column [num]; the chunk size)."""
+    d, vocab = w.shape
     chunk = min(chunk, vocab)
     num = -(-vocab // chunk)
-    w = jnp.pad(w, ((0, 0), (0, num * chunk - vocab)))  # [D, num * chunk]
-    w_chunks = jnp.moveaxis(w.reshape(d, num, chunk), 1, 0)  # [num, D, chunk]
-    starts = jnp.arange(num, dtype=jnp.int32) * chunk
-    tokens = tokens.astype(jnp.int32)
-    neg_inf = jnp.float32(-jnp.inf)
+    w = jnp.pad(w, ((0, 0), (0, num * chunk - vocab)))
+    return jnp.moveaxis(w.reshape(d, num, chunk), 1, 0), jnp.arange(num, dtype=jnp.int32) * chunk, chunk
 
-    @jax.checkpoint
+
+def _chunk_logits(hidden, w_c, start, vocab: int, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """(fp32 logits / temperature [N, L, chunk], -inf on the padding columns past `vocab`; column ids [chunk])."""
+    chunk = w_c.shape[-1]
+    logits = jnp.einsum("nld,dc->nlc", hidden, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
+    column = start + jnp.arange(chunk, dtype=jnp.int32)
+    if vocab % chunk:  # only a padded last block has columns to hide
+        logits = jnp.where(column < vocab, logits, -jnp.inf)
+    return logits, column
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _chunked_logprobs(hidden, w, tokens, temperature: float, chunk: int):
+    return _chunked_forward(hidden, w, tokens, temperature, chunk)[0]
+
+
+def _chunked_forward(hidden, w, tokens, temperature: float, chunk: int):
+    n, steps, _ = hidden.shape
+    vocab = w.shape[1]
+    w_chunks, starts, chunk = _vocab_chunks(w, chunk)
+
     def body(carry, xs):
         running_max, sum_exp, target, sum_p_logit = carry  # [N, L] each
-        w_c, start = xs
-        logits = jnp.einsum("nld,dc->nlc", hidden, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32)
-        if temperature != 1.0:
-            logits = logits / temperature
-        column = start + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
-        logits = jnp.where(column < vocab, logits, neg_inf)  # [N, L, chunk]; padding columns never count
-        new_max = jax.lax.stop_gradient(jnp.maximum(running_max, jnp.max(logits, axis=-1)))
+        logits, column = _chunk_logits(hidden, *xs, vocab, temperature)
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
         scale = jnp.exp(running_max - new_max)
-        p = jnp.exp(logits - new_max[..., None])  # [N, L, chunk]
+        p = jnp.exp(logits - new_max[..., None])  # [N, L, chunk]; 0 on padding columns
         sum_exp = sum_exp * scale + jnp.sum(p, axis=-1)
-        finite = jnp.where(column < vocab, jax.lax.stop_gradient(logits), 0.0)
-        sum_p_logit = sum_p_logit * scale + jnp.sum(jax.lax.stop_gradient(p) * finite, axis=-1)
+        finite = jnp.where(column < vocab, logits, 0.0) if vocab % chunk else logits
+        sum_p_logit = sum_p_logit * scale + jnp.sum(p * finite, axis=-1)
         target = target + jnp.sum(jnp.where(column == tokens[..., None], logits, 0.0), axis=-1)
         return (new_max, sum_exp, target, sum_p_logit), None
 
     zeros = jnp.zeros((n, steps), jnp.float32)
-    init = (jnp.full((n, steps), neg_inf), zeros, zeros, zeros)
+    init = (jnp.full((n, steps), -jnp.inf, jnp.float32), zeros, zeros, zeros)
     (running_max, sum_exp, target, sum_p_logit), _ = jax.lax.scan(body, init, (w_chunks, starts))
     lse = running_max + jnp.log(sum_exp)  # [N, L]
-    entropy = jax.lax.stop_gradient(lse - sum_p_logit / sum_exp)
-    return target - lse, entropy
+    return (target - lse, lse - sum_p_logit / sum_exp), (hidden, w, tokens, lse)
+
+
+def _chunked_backward(temperature: float, chunk: int, residuals, cotangents):
+    hidden, w, tokens, lse = residuals
+    g = cotangents[0]  # d loss / d logp [N, L]; the entropy's cotangent is dropped (it is a metric)
+    d_model, vocab = w.shape
+    w_chunks, starts, chunk = _vocab_chunks(w, chunk)
+
+    def body(d_hidden, xs):
+        w_c, _ = xs
+        logits, column = _chunk_logits(hidden, *xs, vocab, temperature)
+        onehot = (column == tokens[..., None]).astype(jnp.float32)
+        d_logits = g[..., None] * (onehot - jnp.exp(logits - lse[..., None]))  # [N, L, chunk]; 0 on padding
+        if temperature != 1.0:
+            d_logits = d_logits / temperature
+        d_logits = d_logits.astype(hidden.dtype)
+        d_hidden = d_hidden + jnp.einsum(
+            "nlc,dc->nld", d_logits, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32
+        )
+        d_w = jnp.einsum("nld,nlc->dc", hidden, d_logits, preferred_element_type=jnp.float32)
+        return d_hidden, d_w
+
+    d_hidden, d_w = jax.lax.scan(body, jnp.zeros(hidden.shape, jnp.float32), (w_chunks, starts))
+    d_w = jnp.moveaxis(d_w, 0, 1).reshape(d_model, -1)[:, :vocab]  # [num, D, chunk] -> [D, V]
+    return d_hidden.astype(hidden.dtype), d_w.astype(w.dtype), None
+
+
+_chunked_logprobs.defvjp(_chunked_forward, _chunked_backward)
 
 
 def completion_logits(logits: jax.Array, prompt_len: int) -> jax.Array:
