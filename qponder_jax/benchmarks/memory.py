@@ -11,7 +11,9 @@ Per-layer extrapolation: compiling a 28-36 layer model for 64 devices takes minu
 model with (text layers, vision blocks) = (1, 1), (2, 1) and (1, 2) and fits bytes = a + b_text * L_text +
 b_vision * L_vision (exact for parameters, optimizer state and saved activations, which all grow per layer; the
 constant holds embeddings, the LM head, logits and the batch), then evaluates it at the real depths. `--validate`
-also compiles (3, 3) and reports the fit's relative error there.
+also compiles (3, 3) and reports the fit's relative error there. The GRPO step's peak does not grow linearly from
+one and two layers (3B / 7B on 64 devices: the fit says 21.2 / 13.0 GiB, `--direct` 26.4 / 37.2), so the fit is a
+lower bound there; use `--direct` (4-6 minutes per case) for a GRPO figure you plan hardware with.
 
 Workloads follow the `3b` / `7b` variants of configs/qponder_ci.py and configs/qponder.py: fp32 parameters and AdamW
 state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1)); images of 448x448 (1024 patches).
