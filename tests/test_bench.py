@@ -63,10 +63,33 @@ def test_grpo_smoke_without_reference(tmp_path, capsys):
     assert "n/a" in printed
 
 
-def test_layer_fit_is_exact_on_linear_plans():
+@pytest.mark.parametrize("step", ["sft", "grpo"])
+def test_layer_fit_is_exact_on_linear_plans(step):
     a, bt, bv = 5e9, 3e8, 7e7
-    points = {p: a + bt * p[0] + bv * p[1] for p in memory.FIT_POINTS}
-    assert memory.fit_layers(points, 28, 32) == pytest.approx(a + bt * 28 + bv * 32)
+    points = {p: a + bt * p[0] + bv * p[1] for p in memory.FIT_POINTS[step]}
+    assert memory.fit_layers(points, 28, 32, step) == pytest.approx(a + bt * 28 + bv * 32)
+
+
+def test_grpo_layer_fit_starts_past_the_knee():
+    """GRPO's plan is flat from one to two layers and grows per layer only after (7B on 64 devices, GiB, compiled):
+    the fit must come from the linear part, or it predicts a third of the full-depth plan (37.2 GiB compiled)."""
+    compiled = {(1, 1): 3.418, (2, 1): 3.766, (4, 1): 6.414, (8, 1): 11.121, (14, 1): 18.056, (4, 2): 6.512}
+    fit = memory.fit_layers({p: compiled[p] for p in memory.FIT_POINTS["grpo"]}, 28, 32, "grpo")
+    assert 37.2 <= fit <= 37.2 * 1.1
+    assert memory.fit_layers({p: compiled[p] for p in memory.FIT_POINTS["grpo"]}, 14, 1, "grpo") == pytest.approx(
+        compiled[(14, 1)], rel=0.02
+    )
+
+
+def test_memory_native_platform(tmp_path, capsys):
+    """`--platform native` compiles on this machine's own backend (here the test process's 8 CPU devices, inherited
+    through XLA_FLAGS) and says plainly when the mesh is larger than the machine."""
+    argv = ["memory", "--models", "tiny", "--steps", "sft", "--scale", "0.1", "--direct", "--platform", "native"]
+    result, printed = _run(tmp_path, capsys, [*argv, "--devices", "2"], "memory.json")
+    assert result["platform"] == "native" and [c["platform"] for c in result["cases"]] == ["cpu"]
+    assert result["cases"][0]["bytes"] > 0 and "direct, cpu" in printed
+    with pytest.raises(ValueError, match="needs 4096 devices, this cpu backend has 8"):
+        bench.main([*argv, "--devices", "4096", "--out", str(tmp_path / "too_many")])
 
 
 @pytest.mark.slow
@@ -75,17 +98,21 @@ def test_memory_smoke_and_fit_validation(tmp_path, capsys):
     result, printed = _run(tmp_path, capsys, argv, "memory.json")
     assert {(c["step"], c["devices"]) for c in result["cases"]} == {("sft", 8), ("grpo", 8)}
     for case in result["cases"]:
+        assert (case["platform"], case["devices"]) == ("cpu", 8)
         assert case["bytes"] > 0 and case["gib"] == pytest.approx(case["bytes"] / 2**30)
         assert case["fits"] == {str(h): case["gib"] <= h for h in memory.HBM_GIB}
-        # the per-layer fit predicts a directly compiled (3, 3)-layer model's plan
+        # the per-layer fit predicts the plan of a directly compiled deeper model
+        assert case["validation"]["layers"] == list(memory.VALIDATE_POINTS[case["step"]])
         assert case["validation"]["relative_error"] < 0.1, case["validation"]
     assert "GiB/device" in printed
-    # the same GRPO plan without prompt sharing (G 8 / M 2: shared by default) is a different program
-    argv = [*argv[:-1], "--steps", "grpo", "--no-share-prompts"]  # no --validate
-    unshared, _ = _run(tmp_path / "unshared", capsys, argv, "memory.json")
-    assert unshared["workload"]["grpo"]["share_prompts"] is False
-    shared = next(c for c in result["cases"] if c["step"] == "grpo")
-    assert unshared["cases"][0]["fit_points"] != shared["fit_points"]
+    # the same GRPO plan without prompt sharing (G 8 / M 2: shared by default) is a different program; both compiled
+    # at full depth (the tiny model's 2 layers), one compile each
+    argv = [*argv[:-1], "--steps", "grpo", "--direct"]
+    shared, _ = _run(tmp_path / "shared", capsys, argv, "memory.json")
+    unshared, _ = _run(tmp_path / "unshared", capsys, [*argv, "--no-share-prompts"], "memory.json")
+    assert unshared["workload"]["grpo"]["share_prompts"] is False and shared["workload"]["grpo"]["share_prompts"]
+    assert [c["method"] for c in shared["cases"] + unshared["cases"]] == ["direct", "direct"]
+    assert unshared["cases"][0]["bytes"] != shared["cases"][0]["bytes"]
 
 
 # ---- the memory fixes the plan relies on: chunked log-probs, weights tied to their loop / layer ----

@@ -8,12 +8,21 @@ plan for that SPMD partitioning: the layout (what is sharded, what is saved for 
 GPU/TPU run gets; fusion and scheduling details differ per backend, so treat the figures as +-10%.
 
 Per-layer extrapolation: compiling a 28-36 layer model for 64 devices takes minutes on a CPU, so each case compiles the
-model with (text layers, vision blocks) = (1, 1), (2, 1) and (1, 2) and fits bytes = a + b_text * L_text +
-b_vision * L_vision (exact for parameters, optimizer state and saved activations, which all grow per layer; the
-constant holds embeddings, the LM head, logits and the batch), then evaluates it at the real depths. `--validate`
-also compiles (3, 3) and reports the fit's relative error there. The GRPO step's peak does not grow linearly from
-one and two layers (3B / 7B on 64 devices: the fit says 21.2 / 13.0 GiB, `--direct` 26.4 / 37.2), so the fit is a
-lower bound there; use `--direct` (4-6 minutes per case) for a GRPO figure you plan hardware with.
+model at three reduced depths (text layers, vision blocks) and fits bytes = a + b_text * L_text + b_vision *
+L_vision (parameters, optimizer state and saved activations all grow per layer; the constant holds embeddings, the LM
+head, logits and the batch), then evaluates it at the real depths. SFT fits from (1, 1), (2, 1), (1, 2); GRPO from (4,
+1), (8, 1), (4, 2), because its peak moves from the rollout to the update's backward past two layers and only then
+grows per layer (`FIT_POINTS`). Against full-depth compiles (`--direct`, 4-10 minutes per case) the GRPO fit is within
+-6% / +5%: 7B on 64 devices 37.7 vs 37.2 GiB, 3B on 64 devices 27.8 vs 26.4, 7B on 16 devices 70.3 vs 71.4, 7B on 8
+devices 125.4 vs 133.0 (from 1 and 2 layers it said 13.0, 21.2, 79.6 and 227.8). `--validate` also compiles a deeper
+model (`VALIDATE_POINTS`) and reports the fit's relative error there.
+
+What the CPU plan counts that an accelerator may not: XLA:CPU has no reduce-scatter, so each FSDP weight gradient is
+all-reduced at full size and then sliced, and its memory-minimizing scheduler runs the weight-gradient matmuls of
+several layers before their all-reduces. At the 7B GRPO peak (4 layers, 64 devices) 3.7 of 6.4 GiB are full-size fp32
+weight gradients; this is most of the per-layer growth of both steps. GPU/TPU compilers turn all-reduce + slice into a
+reduce-scatter, so expect less there; the figures are an upper estimate until `--platform native --direct` runs on
+the accelerator (its own backend and devices, no simulated CPU devices).
 
 Workloads follow the `3b` / `7b` variants of configs/qponder_ci.py and configs/qponder.py: fp32 parameters and AdamW
 state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1)); images of 448x448 (1024 patches).
@@ -81,15 +90,20 @@ SFT = {"batch": 64, "tokens": 1024, "patches": 1024, "grad_accum": {"3b": 1, "7b
 # GRPO: configs/qponder.py (64 prompts of 512 tokens x G 8, 512 new tokens, minibatches 2 / 4, beta 0.001).
 GRPO = {"prompts": 64, "tokens": 512, "patches": 1024, "generations": 8, "new_tokens": 512,
         "minibatches": {"3b": 2, "7b": 4, "tiny": 2}, "beta": 0.001}  # fmt: skip
-FIT_POINTS = ((1, 1), (2, 1), (1, 2))
+# (text layers, vision blocks) compiled per step for the per-layer fit, and the deeper point `--validate` checks it at.
+# GRPO fits from 4 and 8 text layers: its per-layer growth starts past two layers (7B on 64 devices: 0.35 GiB from 1 to
+# 2 layers, then 1.32, 1.18 and 1.16 per layer from 2 to 4, 4 to 8 and 8 to 14), so a fit from 1 and 2 layers
+# planned 13.0 GiB where the full depth compiles to 37.2 (this fit: 37.7). SFT grows linearly from one layer (1.80 GiB
+# per 7B layer at 1-2, 2-4 and 4-8 layers).
+FIT_POINTS = {"sft": ((1, 1), (2, 1), (1, 2)), "grpo": ((4, 1), (8, 1), (4, 2))}
+VALIDATE_POINTS = {"sft": (3, 3), "grpo": (12, 3)}
 # XLA:CPU's default concurrency-optimized scheduler starts independent work (every layer's FSDP all-gather) as early as
 # it can, which a GPU/TPU's memory-aware scheduler does not: plan with the memory-minimizing order instead.
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-VALIDATE_POINT = (3, 3)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", default="7b", help=f"comma-separated, of {sorted(MODELS)} (default: ~4 min)")
+    parser.add_argument("--models", default="7b", help=f"comma-separated, of {sorted(MODELS)} (default: ~3.5 min)")
     parser.add_argument("--steps", default="sft,grpo", help="comma-separated, of sft, grpo")
     parser.add_argument("--devices", default="64", help="comma-separated mesh sizes N (mesh (1, N, 1), FSDP)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
@@ -97,8 +111,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-share-prompts", action="store_true", help="GRPO update re-runs each prompt per completion (no sharing)"
     )
-    parser.add_argument("--validate", action="store_true", help="also compile (3, 3) layers and report the fit error")
+    parser.add_argument(
+        "--validate", action="store_true", help="also compile a deeper model (VALIDATE_POINTS) and report the fit error"
+    )
     parser.add_argument("--direct", action="store_true", help="compile the full depth, no extrapolation (slow)")
+    parser.add_argument(
+        "--platform",
+        choices=("cpu", "native"),
+        default="cpu",
+        help="cpu: N simulated CPU devices (default); native: this machine's backend (GPU/TPU), its first N devices",
+    )
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -230,9 +252,10 @@ def _abstract_parser(vocab_size: int, rep):
     return _PARSER_CACHE[vocab_size]
 
 
-def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_blocks: int) -> float:
-    """bytes = a + b_text * L_text + b_vision * L_vision through the three FIT_POINTS, evaluated at the real depths."""
-    (l1, v1), (l2, _), (_, v3) = FIT_POINTS
+def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_blocks: int, step: str = "sft") -> float:
+    """bytes = a + b_text * L_text + b_vision * L_vision through the step's three FIT_POINTS, evaluated at the real
+    depths."""
+    (l1, v1), (l2, _), (_, v3) = FIT_POINTS[step]
     base = points[(l1, v1)]
     b_text = (points[(l2, v1)] - base) / (l2 - l1)
     b_vision = (points[(l1, v3)] - base) / (v3 - v1)
@@ -240,34 +263,45 @@ def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_bl
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
-    """All (model, step) cases on a (1, N, 1) mesh of this process's N simulated devices."""
+    """All (model, step) cases on a (1, N, 1) mesh of this process's first N devices (simulated CPU ones by default)."""
+    import jax
+
     from qponder_jax.model import sharding
 
     n = args.worker
+    if jax.device_count() < n:
+        raise ValueError(
+            f"memory --platform {args.platform}: a (1, {n}, 1) mesh needs {n} devices, this {jax.default_backend()} "
+            f"backend has {jax.device_count()}"
+        )
     mesh = sharding.make_mesh((1, n, 1))
+    device = jax.devices()[0]
     sft, grpo = _workloads(args.scale, args.minibatches, not args.no_share_prompts)
     out = []
     for name in args.models.split(","):
         config = MODELS[name]
         full = (config.text.num_hidden_layers, config.vision.depth)
         for step in args.steps.split(","):
-            case = {"model": name, "step": step, "devices": n, "mesh": [1, n, 1], "layers": list(full)}
+            case = {"model": name, "step": step, "devices": n, "mesh": [1, n, 1], "layers": list(full),
+                    "platform": device.platform, "device_kind": device.device_kind}  # fmt: skip
             if args.direct:
                 direct = _planned_bytes(name, config, step, mesh, sft, grpo)
                 case.update(bytes=direct["total"], method="direct", compile_s=direct["compile_s"])
             else:
-                plans = {p: _planned_bytes(name, reduced(config, *p), step, mesh, sft, grpo) for p in FIT_POINTS}
+                points = FIT_POINTS[step]
+                plans = {p: _planned_bytes(name, reduced(config, *p), step, mesh, sft, grpo) for p in points}
                 totals = {p: float(v["total"]) for p, v in plans.items()}
                 case.update(
-                    bytes=fit_layers(totals, *full),
+                    bytes=fit_layers(totals, *full, step),
                     method="per-layer fit",
                     fit_points={f"{p[0]}x{p[1]}": v for p, v in totals.items()},
                     compile_s=sum(v["compile_s"] for v in plans.values()),
                 )
                 if args.validate:
-                    got = _planned_bytes(name, reduced(config, *VALIDATE_POINT), step, mesh, sft, grpo)["total"]
-                    want = fit_layers(totals, *VALIDATE_POINT)
-                    case["validation"] = {"layers": list(VALIDATE_POINT), "compiled": got, "fit": want,
+                    at = VALIDATE_POINTS[step]
+                    got = _planned_bytes(name, reduced(config, *at), step, mesh, sft, grpo)["total"]
+                    want = fit_layers(totals, *at, step)
+                    case["validation"] = {"layers": list(at), "compiled": got, "fit": want,
                                           "relative_error": abs(want - got) / got}  # fmt: skip
             case["gib"] = case["bytes"] / GIB
             case["fits"] = {str(h): case["gib"] <= h for h in HBM_GIB}
@@ -277,16 +311,20 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
 
 def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f and "scheduler" not in f]
-    flags.append(SCHEDULER_FLAG)
-    env = dict(
-        os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join([*flags, f"--xla_force_host_platform_device_count={n}"])
-    )
+    env = dict(os.environ)
+    if args.platform == "cpu":
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f and "scheduler" not in f]
+        flags += [SCHEDULER_FLAG, f"--xla_force_host_platform_device_count={n}"]
+        env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
     cmd = [sys.executable, "-m", "qponder_jax.bench", "memory", "--worker", str(n), "--models", args.models]
+    cmd += ["--platform", args.platform]
     cmd += ["--steps", args.steps, "--scale", str(args.scale), "--minibatches", str(args.minibatches)]
     cmd += ["--validate"] * args.validate + ["--direct"] * args.direct + ["--no-share-prompts"] * args.no_share_prompts
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
+        usage = [line for line in proc.stderr.splitlines() if line.startswith("ValueError: memory --platform")]
+        if usage:  # the worker found too few devices: the user's error, not a crash
+            raise ValueError(usage[-1].removeprefix("ValueError: "))
         raise RuntimeError(f"memory worker for {n} devices failed:\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
@@ -309,6 +347,7 @@ def run(args: argparse.Namespace) -> dict:
             "dtype": "fp32 params + AdamW, bf16 compute, remat",
             "scale": args.scale,
         },
+        "platform": args.platform,
         "hbm_gib": list(HBM_GIB),
         "cases": cases,
         "seconds": time.perf_counter() - start,
@@ -329,7 +368,7 @@ def show(result: dict) -> None:
     for c in result["cases"]:
         fits = "".join(f"{'fits' if c['fits'][str(h)] else 'no':>9}" for h in result["hbm_gib"])
         mesh = "x".join(map(str, c["mesh"]))
-        note = c["method"]
+        note = f"{c['method']}, {c['device_kind']}"
         if "validation" in c:
             note += f" (error at {c['validation']['layers']}: {c['validation']['relative_error']:.1%})"
         print(f"{c['model']:<7}{c['step']:<6}{mesh:<12}{c['gib']:>11.2f}{fits}  {note}")
