@@ -100,6 +100,8 @@ VALIDATE_POINTS = {"sft": (3, 3), "grpo": (12, 3)}
 # XLA:CPU's default concurrency-optimized scheduler starts independent work (every layer's FSDP all-gather) as early as
 # it can, which a GPU/TPU's memory-aware scheduler does not: plan with the memory-minimizing order instead.
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+# how a worker's "too few devices" error starts; the parent re-raises it as the user's error, not a worker crash
+_TOO_FEW_DEVICES = "memory --platform"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -252,7 +254,7 @@ def _abstract_parser(vocab_size: int, rep):
     return _PARSER_CACHE[vocab_size]
 
 
-def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_blocks: int, step: str = "sft") -> float:
+def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_blocks: int, step: str) -> float:
     """bytes = a + b_text * L_text + b_vision * L_vision through the step's three FIT_POINTS, evaluated at the real
     depths."""
     (l1, v1), (l2, _), (_, v3) = FIT_POINTS[step]
@@ -271,7 +273,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
     n = args.worker
     if jax.device_count() < n:
         raise ValueError(
-            f"memory --platform {args.platform}: a (1, {n}, 1) mesh needs {n} devices, this {jax.default_backend()} "
+            f"{_TOO_FEW_DEVICES} {args.platform}: a (1, {n}, 1) mesh needs {n} devices, this {jax.default_backend()} "
             f"backend has {jax.device_count()}"
         )
     mesh = sharding.make_mesh((1, n, 1))
@@ -322,8 +324,8 @@ def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
     cmd += ["--validate"] * args.validate + ["--direct"] * args.direct + ["--no-share-prompts"] * args.no_share_prompts
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        usage = [line for line in proc.stderr.splitlines() if line.startswith("ValueError: memory --platform")]
-        if usage:  # the worker found too few devices: the user's error, not a crash
+        usage = [line for line in proc.stderr.splitlines() if line.startswith(f"ValueError: {_TOO_FEW_DEVICES}")]
+        if usage:
             raise ValueError(usage[-1].removeprefix("ValueError: "))
         raise RuntimeError(f"memory worker for {n} devices failed:\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
