@@ -3,6 +3,7 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -103,3 +104,38 @@ def test_sharded_generation_cache(models):
     real_last = batch.attention_mask[:, -1]  # prefill expects left padding: row 2 ends in padding
     assert real_last.sum() == 3
     np.testing.assert_allclose(np.asarray(logits[real_last, 0]), full[real_last, -1], atol=1e-5)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_sampler_keeps_the_lm_head_vocab_sharded(tie):
+    """On an FSDP mesh the sampler's logits come from the head resharded over the vocabulary (each device multiplies
+    the gathered [rows, D] hidden states by its own [D, V / N] columns): no device ever holds the whole [D, V] head,
+    which an all-gather over D would give it for the whole decode loop (2 GiB for 7B). Same tokens as one device."""
+    import re
+
+    from qponder_jax import sampling
+
+    config = tiny_config(vocab_size=1024)
+    config = dataclasses.replace(config, tie_word_embeddings=tie)
+    d, v = config.text.hidden_size, config.text.vocab_size
+    mesh = sharding.make_mesh((1, 8, 1))
+    model = create_model(config, mesh=mesh, rngs_seed=5)
+    single = create_model(config, rngs_seed=5)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 400, (8, 6)).astype(np.int32)
+    batch = make_batch(config, ids, np.ones((8, 6), bool), np.broadcast_to(np.arange(6), (3, 8, 6)).copy())
+
+    graphdef, params = sampling.cached_split(model)
+    sconfig = sampling.SamplingConfig(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, num_samples=2, pad_id=0)
+    stop = jnp.full((1,), -1, jnp.int32)
+    with jax.set_mesh(mesh):
+        placed = sampling._place(batch, mesh)
+        hlo = sampling._generate.lower(graphdef, params, placed, None, stop, config=sconfig).compile().as_text()
+    whole = [line for line in hlo.splitlines() if re.search(rf"\[({d},{v}|{v},{d})\]", line.split("=", 1)[-1][:80])]
+    assert not whole, "a device holds the whole LM head:\n" + "\n".join(whole[:3])
+    assert re.search(rf"\[{d},{v // 8}\]", hlo), "the head should be resharded to [D, V / 8] columns per device"
+
+    ours = sampling.generate(model, batch, max_new_tokens=4, num_samples=2, stop_ids=())
+    ref = sampling.generate(single, batch, max_new_tokens=4, num_samples=2, stop_ids=())
+    np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(ref.logprobs), atol=1e-5)

@@ -75,7 +75,7 @@ class Qwen25VL(nnx.Module):
         x = self.language_model.embed(token_ids)
         segment_ids = jnp.ones(token_ids.shape, jnp.int32)
         hidden, cache = self.language_model(x, position_ids, segment_ids, cache)
-        return self._logits(hidden), cache
+        return self._logits(hidden, vocab_parallel=True), cache
 
     # ---- internals ----
     def _forward(self, batch: Batch, cache: KVCache | None, last_only: bool = False):
@@ -86,7 +86,7 @@ class Qwen25VL(nnx.Module):
         segment_ids = jnp.asarray(batch.attention_mask).astype(jnp.int32)
         hidden, cache = self.language_model(x, jnp.asarray(batch.position_ids), segment_ids, cache)
         if last_only:
-            hidden = hidden[:, -1:]
+            return self._logits(hidden[:, -1:], vocab_parallel=True), cache
         return self._logits(hidden), cache
 
     def embed_inputs(self, batch: Batch) -> jax.Array:
@@ -108,12 +108,24 @@ class Qwen25VL(nnx.Module):
         x = jnp.where((index >= 0)[..., None], rows, x)
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
-    def _logits(self, hidden: jax.Array) -> jax.Array:
+    def _logits(self, hidden: jax.Array, vocab_parallel: bool = False) -> jax.Array:
+        """hidden [B, T, D] -> float32 logits [B, T, V], sharded ("batch", "length", "act_vocab").
+
+        vocab_parallel (the sampler's prefill and decode steps: few rows, a head reused every step): the head is
+        resharded once to vocabulary columns over every model axis and the few hidden rows are gathered instead, so no
+        device holds the whole [D, V] head (2 GiB fp32 for 7B, live for the whole decode loop when all-gathered over
+        an FSDP-sharded D). Training passes keep the default: there the rows, not the head, are the large operand.
+        """
         if self.config.tie_word_embeddings:
             w = self.language_model.embed_tokens.embedding[...].T  # [D, V]
         else:
             w = self.lm_head.kernel[...]  # [D, V]
+        if vocab_parallel:
+            w = sharding.constrain(w, (None, "vocab_parallel"))
+            hidden = sharding.constrain(hidden, ("batch_replica", None, None))
         logits = jnp.einsum("btd,dv->btv", hidden, w.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        if vocab_parallel:
+            logits = sharding.constrain(logits, ("batch_replica", None, "vocab_parallel"))
         return sharding.constrain(logits, ("batch", "length", "act_vocab"))
 
 

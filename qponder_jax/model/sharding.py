@@ -28,6 +28,8 @@ LOGICAL_RULES: dict[str, tuple[str, ...] | None] = {
     "act_kv_heads": ("tensor",),
     "act_mlp": ("tensor",),
     "act_vocab": ("tensor",),
+    "batch_replica": ("data",),  # rows over the data axis only: whole within a model replica
+    "vocab_parallel": ("fsdp", "tensor"),  # the sampler's LM head: vocab over every model axis (see Qwen25VL)
     # parameters
     "embed": ("fsdp",),
     "vocab": ("tensor",),
