@@ -349,6 +349,40 @@ def test_shared_prompt_step_matches_the_teacher_forced_step(cold_start, proc):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("bad", ["first update (nan image)", "second update (blown-up weights)"])
+def test_a_nonfinite_update_leaves_the_whole_state_untouched(cold_start, proc, bad):
+    """A NaN image makes the only update of a mu = 1 step non-finite (the in-place branch); a learning rate of 1e30
+    with mu = 2 keeps the first update finite (checked alone) and makes the second one non-finite, so the first must
+    be undone. Either way: `finite` False, and parameters, optimizer state, step and rng are exactly as before."""
+    batch, mos = cold_start.prompt_batch(np.arange(8))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    if bad.startswith("first"):
+        pixels = np.array(batch.pixel_values)
+        pixels[0] = np.nan  # the first prompt's image
+        batch = batch.replace(pixel_values=pixels)
+        passes, lr = 1, 1e-3
+    else:
+        fn, state, _ = cold_start.grpo_step(_settings(proc, loss=LossConfig(beta=0.0)), mesh, lr=1e30, total_steps=1)
+        before = jax.device_get(state.params)
+        state, metrics = fn(state, batch, mos, cold_start.parser, None)
+        assert bool(metrics["finite"])  # the first update alone is finite and applied
+        moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(state.params), jax.tree.leaves(before)))
+        assert moved > 1e20
+        passes, lr = 2, 1e30
+    settings = _settings(proc, loss=LossConfig(beta=0.0), num_iterations=passes)
+    fn, state, _ = cold_start.grpo_step(settings, mesh, lr=lr, total_steps=1)
+    before = jax.device_get(state)
+    state, metrics = fn(state, batch, mos, cold_start.parser, None)
+    assert not bool(metrics["finite"]) and not np.isfinite(float(metrics["loss"]))
+    after = jax.device_get(state)
+    assert int(after.step) == int(before.step) == 0
+    for name, a, b in (("params", after.params, before.params), ("opt_state", after.opt_state, before.opt_state)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=name)
+    np.testing.assert_array_equal(np.asarray(after.rng), np.asarray(before.rng))
+
+
+@pytest.mark.slow
 def test_grpo_raises_the_accuracy_reward(cold_start, proc):
     """30 steps of 8 prompts x 8 rollouts with a linear accuracy reward: the mean accuracy reward of the last 5
     steps beats that of the first 5 by a clear margin (measured: 0.354 -> 0.641)."""

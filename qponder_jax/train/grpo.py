@@ -22,7 +22,9 @@
 - Reference: with beta > 0 the frozen reference params score every completion once, before the updates; with
   beta = 0 they are not even passed in.
 - `state.step` counts GRPO steps (one per call); the optimizer's schedule counts inner updates (mu * M per step).
-  A non-finite loss or gradient in any inner update leaves the whole state untouched (`finite` False).
+  A non-finite loss or gradient in any inner update leaves the whole state untouched (`finite` False) and skips
+  the step's later updates. With one update per step this is a branch around the update, in place; with more,
+  undoing the earlier ones keeps a copy of the step's starting parameters and AdamW state live through them.
 """
 
 from __future__ import annotations
@@ -314,25 +316,35 @@ class GRPOStep:
             logp, entropy = self._completion_logp(params, mb, prompts)  # [n, L] each
             return grpo_loss_from_logprobs(logp, entropy, mb.mask, mb.old_logp, mb.advantages, s.loss, mb.ref_logp)
 
+        def apply(args):
+            params, opt_state, grads = args
+            updates, opt_state = self.tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
         def update(carry, u):
-            params, opt_state = carry
+            params, opt_state, ok = carry
             mb = self._constrain(jax.tree.map(lambda x: x[u % s.num_minibatches], stacked))
             (loss, metrics), grads = jax.value_and_grad(mb_loss, has_aux=True)(params, mb)
             grad_norm = optim.trainable_global_norm(grads, self.labels)
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            metrics = dict(metrics, loss=loss, grad_norm=grad_norm, finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm))
-            return (params, opt_state), metrics
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            ok = ok & finite  # after a non-finite update, the step's later updates are skipped too
+            # a branch, not `where(ok, new, old)` per leaf, so the update stays in place (the select kept both)
+            params, opt_state = jax.lax.cond(ok, apply, lambda a: (a[0], a[1]), (params, opt_state, grads))
+            return (params, opt_state, ok), dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
 
-        (params, opt_state), per_update = jax.lax.scan(
-            update, (state.params, state.opt_state), jnp.arange(s.updates_per_step)
+        (params, opt_state, finite), per_update = jax.lax.scan(
+            update, (state.params, state.opt_state, jnp.bool_(True)), jnp.arange(s.updates_per_step)
         )
-        finite = jnp.all(per_update["finite"])
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        if s.updates_per_step > 1:
+            # undo the updates before a non-finite one: this keeps the step's starting parameters and optimizer
+            # state live through the updates (one more copy, 12 bytes per parameter / devices); with a single
+            # update per step the branch above already left them untouched, in place
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         new_state = state.replace(
             step=state.step + finite.astype(jnp.int32),
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             rng=jnp.where(finite, jax.random.key_data(key), state.rng),
         )
         return new_state, self._metrics(state, batch, mos, ro, per_update, finite)
