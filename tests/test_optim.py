@@ -110,3 +110,21 @@ def test_from_config_labels_and_schedule_match_the_config():
     np.testing.assert_array_equal(updates["visual"]["merger"]["w"], 0.0)
     # First Adam step moves every trainable entry by lr (the normalized step is 1 before clipping effects).
     np.testing.assert_allclose(updates["lm_head"]["kernel"], -2e-3, rtol=1e-4)
+
+
+def test_update_if_applies_the_step_or_returns_the_state_unchanged():
+    params = {"w": jnp.arange(6.0).reshape(2, 3), "b": jnp.ones(3)}
+    labels = jax.tree.map(lambda _: optim.TRAIN, params)
+    tx = optim.adamw(labels, learning_rate=0.1, weight_decay=0.01)
+    opt = tx.init(params)
+    grads = {"w": jnp.full((2, 3), 0.5), "b": jnp.array([1.0, -1.0, 2.0])}
+    updates, want_opt = tx.update(grads, opt, params)
+    want = optax.apply_updates(params, updates)
+    step = jax.jit(lambda ok: optim.update_if(ok, tx, params, opt, grads))
+    got, got_opt = step(jnp.bool_(True))
+    for x, y in zip(jax.tree.leaves((got, got_opt)), jax.tree.leaves((want, want_opt)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert float(jnp.abs(got["w"] - params["w"]).max()) > 0.05
+    same, same_opt = step(jnp.bool_(False))
+    for x, y in zip(jax.tree.leaves((same, same_opt)), jax.tree.leaves((params, opt)), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))

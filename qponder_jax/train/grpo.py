@@ -316,11 +316,6 @@ class GRPOStep:
             logp, entropy = self._completion_logp(params, mb, prompts)  # [n, L] each
             return grpo_loss_from_logprobs(logp, entropy, mb.mask, mb.old_logp, mb.advantages, s.loss, mb.ref_logp)
 
-        def apply(args):
-            params, opt_state, grads = args
-            updates, opt_state = self.tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state
-
         def update(carry, u):
             params, opt_state, ok = carry
             mb = self._constrain(jax.tree.map(lambda x: x[u % s.num_minibatches], stacked))
@@ -328,8 +323,7 @@ class GRPOStep:
             grad_norm = optim.trainable_global_norm(grads, self.labels)
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             ok = ok & finite  # after a non-finite update, the step's later updates are skipped too
-            # a branch, not `where(ok, new, old)` per leaf, so the update stays in place (the select kept both)
-            params, opt_state = jax.lax.cond(ok, apply, lambda a: (a[0], a[1]), (params, opt_state, grads))
+            params, opt_state = optim.update_if(ok, self.tx, params, opt_state, grads)
             return (params, opt_state, ok), dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
 
         (params, opt_state, finite), per_update = jax.lax.scan(
