@@ -280,7 +280,8 @@ def test_sample_token_argmax_and_logprob_match_numpy():
     token, logprob = sampling.sample_token(jnp.asarray(logits), jax.random.key(0), greedy)
     assert token.dtype == jnp.int32
     token, logprob = np.asarray(token), np.asarray(logprob)
-    assert token.tolist() == np.asarray(jnp.argmax(jnp.asarray(logits), axis=-1)).tolist()
+    # numpy's argmax is the reference: jnp.argmax's NaN tie-break differs by backend (the last NaN on an H200)
+    assert token.tolist() == np.argmax(logits, axis=-1).tolist()
     assert token.tolist()[:5] == [int(np.argmax(logits[0])), 7, 4, 0, 299]
 
     def numpy_logprob(x, tokens):
