@@ -227,8 +227,27 @@ def sample(
     """Prefill then the decode loop, traceable: callable inside another jitted function (the GRPO step), where
     both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing). Returns the final
     decode state (tokens, log-probs, lengths) and the completion mask [N, L]."""
+    params = in_compute_dtype(params, nnx.merge(graphdef, params).dtype)
     state = _prefill(graphdef, params, batch, rng, config=config)
     return _decode(graphdef, params, state, stop_ids, config=config)
+
+
+def in_compute_dtype(params, dtype):
+    """`params` with every floating leaf wider than the compute `dtype` cast to it, once per `sample` call.
+
+    Every use of a weight casts it to the compute dtype first (the linears, the LM head, the norms' scales, the
+    embedding rows), so the model computes the same bits from either copy. Inside the decode loop, though, fp32 weights
+    would be converted on every step (measured on an H200, 3B widths, batch 64, bf16: XLA left the converts in the
+    loop); cast once, each step reads half the bytes. With the compute dtype equal to the weights' (fp32 everywhere,
+    the default) nothing changes."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        if jnp.issubdtype(x.dtype, jnp.floating) and jnp.dtype(x.dtype).itemsize > dtype.itemsize:
+            return x.astype(dtype)
+        return x
+
+    return jax.tree.map(cast, params)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"))

@@ -2,7 +2,9 @@
 early exit, batch independence, seeds and filtering, sharded vs single device, no per-token host work, the bench."""
 
 import dataclasses
+import functools
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +19,7 @@ from qponder_jax import prompts, sampling
 from qponder_jax.data.processing import Buckets, Processor
 from qponder_jax.data.tokenizer import DEMO_VOCAB_SIZE, build_demo_tokenizer
 from qponder_jax.model.config import tiny_config
-from qponder_jax.model.qwen2_5_vl import Qwen25VL
+from qponder_jax.model.qwen2_5_vl import Qwen25VL, create_model
 from qponder_jax.model.sharding import make_mesh
 
 BUCKETS = Buckets(tokens=(48, 64, 96), patches=(0, 64), images=(0, 1))
@@ -364,6 +366,36 @@ def test_sharded_equals_single_device(setup, tmp_path):
         assert len(ours.tokens.sharding.device_set) == 8
         np.testing.assert_array_equal(np.asarray(ours.tokens), np.asarray(ref.tokens))
         np.testing.assert_allclose(np.asarray(ours.logprobs), np.asarray(ref.logprobs), atol=1e-5)
+
+
+def _weight_converts_in_loop(hlo: str) -> int:
+    """fp32 -> bf16 converts of 2-D tensors (the weights) inside a compiled while loop's body."""
+    return sum(1 for line in hlo.splitlines()
+               if "convert(" in line and "while/body" in line and re.search(r"= bf16\[\d+,\d+\]", line))  # fmt: skip
+
+
+def test_bf16_compute_casts_the_weights_once_outside_the_decode_loop(setup):
+    """A bf16 compute dtype over fp32 weights: `sample` casts the weights once, before the prefill. The tokens and
+    log-probs are the same bits as converting at every use inside the loop, and no weight convert is left in it."""
+    proc, config, _, _ = setup
+    model = create_model(config, rngs_seed=5, dtype=jnp.bfloat16)
+    batch = jax.device_put(_batch(proc, _examples(proc, [0, 1, 2])))
+    graphdef, params = sampling.cached_split(model)
+    cfg = sampling.SamplingConfig(max_new_tokens=STEPS, temperature=0.9, num_samples=2)
+    stop, key = jnp.asarray([-1], jnp.int32), jax.random.key(3)
+
+    @functools.partial(jax.jit, static_argnames=("graphdef", "config"))
+    def uncast(graphdef, params, batch, rng, stop_ids, *, config):  # `sample` without the cast
+        state = sampling._prefill(graphdef, params, batch, rng, config=config)
+        return sampling._decode(graphdef, params, state, stop_ids, config=config)
+
+    ref, _ = uncast(graphdef, params, batch, key, stop, config=cfg)
+    out = sampling._generate(graphdef, params, batch, key, stop, config=cfg)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(ref.logprobs))
+    hlo = lambda fn: fn.lower(graphdef, params, batch, key, stop, config=cfg).compile().as_text()
+    assert _weight_converts_in_loop(hlo(uncast)) >= 2 * config.text.num_hidden_layers  # the check sees them
+    assert _weight_converts_in_loop(hlo(sampling._generate)) == 0
 
 
 def test_one_executable_no_host_transfers_no_recompiles(setup, monkeypatch):
