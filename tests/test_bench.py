@@ -41,6 +41,26 @@ def test_sft_smoke(tmp_path, capsys):
     assert "fraction of machine matmul peak" in printed and "torch / jnp" in printed
 
 
+def test_decode_smoke_in_bf16(tmp_path, capsys):
+    """Both sides in bf16 (the reference's weights cast); the sampler casts the fp32 weights once, so the weight bytes
+    read per step are 2 per weight."""
+    argv = ["decode", "--size", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--dtype", "bfloat16"]
+    result, printed = _run(tmp_path, capsys, argv, "decode_tiny.json")
+    ours = result["ours"]
+    assert result["workload"]["dtype"] == "bfloat16" and "bfloat16" in printed
+    assert ours["weight_bytes_per_s"] == pytest.approx(2 * ours["decode_weights"] * ours["tokens_per_s"] / 2)
+    assert result["reference"]["device"] == "cpu" and "torch, cpu" in result["reference"]["name"]
+    assert 0.0 <= result["tokens_equal"] <= 1.0
+
+
+def test_reference_on_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    with pytest.raises(RuntimeError, match="--reference-device cuda: torch sees no CUDA device"):
+        bench.main(["decode", "--size", "tiny", "--batch", "2", "--new-tokens", "2", "--reference-device", "cuda"])
+
+
 @pytest.mark.slow
 def test_grpo_smoke_against_trl(tmp_path, capsys):
     pytest.importorskip("trl")

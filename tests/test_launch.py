@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 
 import local  # noqa: E402  (launch/local.py)
 
-SCRIPTS = ["launch/tpu_pod.sh", "launch/slurm_gpu.sbatch"]
+SCRIPTS = ["launch/tpu_pod.sh", "launch/slurm_gpu.sbatch", "launch/accelerator_bench.sh"]
 QPONDER = [sys.executable, "-m", "qponder_jax.main"]
 
 
@@ -55,6 +55,31 @@ def test_tpu_pod_dry_run_shows_every_worker_command():
     ]
     usage = subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "--help"], capture_output=True, text=True)
     assert "Usage: launch/tpu_pod.sh" in usage.stdout
+
+
+def test_accelerator_bench_dry_run_picks_the_benchmarks_and_the_reference_side(tmp_path):
+    script = str(ROOT / "launch/accelerator_bench.sh")
+    env = dict(os.environ, DRY_RUN="1", PYTHON=sys.executable)
+    run = lambda *names: subprocess.run(["bash", script, str(tmp_path / "out"), *names], capture_output=True, text=True,
+                                        env=env, cwd=ROOT)  # fmt: skip
+    out = run("decode-tiny", "sft-3b", "grpo-small")
+    assert out.returncode == 0, out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("== ")]
+    # no CUDA for torch here: the torch side is skipped; the 3b and GRPO runs carry exactly one --no-reference
+    assert lines == [
+        f"== decode-tiny: {sys.executable} -m qponder_jax.bench decode --size tiny --no-reference "
+        f"--out {tmp_path}/out/decode-tiny",
+        f"== sft-3b: {sys.executable} -m qponder_jax.bench sft --size 3b --dtype bfloat16 --batch 8 --tokens 512 "
+        f"--matmul-n 8192 --no-reference --out {tmp_path}/out/sft-3b",
+        f"== grpo-small: {sys.executable} -m qponder_jax.bench grpo --size small --no-reference "
+        f"--out {tmp_path}/out/grpo-small",
+    ]
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+    assert len([line for line in run().stdout.splitlines() if line.startswith("== ")]) == 7  # the default set
+    bad = run("decode-huge")
+    assert bad.returncode == 2 and "unknown benchmark decode-huge; choose from: decode-tiny" in bad.stderr
+    usage = subprocess.run(["bash", script, "--help"], capture_output=True, text=True)
+    assert "Usage: launch/accelerator_bench.sh" in usage.stdout
 
 
 def test_slurm_dry_run_shows_the_srun_command():

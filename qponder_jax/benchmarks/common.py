@@ -22,7 +22,11 @@ from qponder_jax.train.logging import peak_flops_per_device
 SIZES = {
     "tiny": dict(text=(128, 2, 4, 2, 256, 1024, (4, 6, 6)), vision=(2, 64, 2, 128, (1,))),
     "small": dict(text=(512, 8, 8, 2, 1536, 32000, (8, 12, 12)), vision=(4, 256, 4, 768, (3,))),
+    # Qwen2.5-VL-3B's widths and depths (4.07B parameters here: the head is not tied to the embedding), for absolute
+    # rates and MFU on an accelerator with --no-reference: its fp32 weights and AdamW state alone are 45 GiB
+    "3b": dict(text=(2048, 36, 16, 2, 11008, 151936, (16, 24, 24)), vision=(32, 1280, 16, 3420, (7, 15, 23, 31))),
 }
+COMPARED_SIZES = ("tiny", "small")  # the two sizes compared against the references on a CPU (`sft --size all`)
 
 
 def bench_config(size: str, proc) -> Qwen25VLConfig:
@@ -145,12 +149,31 @@ def timed_interleaved(
     return seconds
 
 
+def torch_sync(out):
+    """`out`, after torch's queued device work is done (a no-op on the CPU), so that host clocks time the work."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+    return out
+
+
+def add_reference_device(parser) -> None:
+    parser.add_argument(
+        "--reference-device", choices=("cpu", "cuda"), default="cpu",
+        help="where the torch reference runs (cuda: on an NVIDIA GPU beside ours, the user's other choice there)",
+    )  # fmt: skip
+
+
 def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
-def matmul_peak(n: int = 2048, repeats: int = 3, dtype: str = "float32", torch_side: bool = True) -> dict:
-    """FLOP/s of one n x n x n matmul with jnp (default device) and, if asked, with torch on the CPU (median)."""
+def matmul_peak(
+    n: int = 2048, repeats: int = 3, dtype: str = "float32", torch_side: bool = True, torch_device: str = "cpu"
+) -> dict:
+    """FLOP/s of one n x n x n matmul with jnp (default device) and, if asked, with torch on `torch_device`
+    (median)."""
     flops = 2.0 * n**3
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.dtype(dtype))
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.dtype(dtype))
@@ -159,8 +182,9 @@ def matmul_peak(n: int = 2048, repeats: int = 3, dtype: str = "float32", torch_s
     if torch_side:
         import torch
 
-        ta, tb = torch.randn(n, n), torch.randn(n, n)
-        fns["torch"] = lambda: torch.mm(ta, tb)
+        tdtype = getattr(torch, dtype)
+        ta, tb = (torch.randn(n, n, device=torch_device, dtype=tdtype) for _ in range(2))
+        fns["torch"] = lambda: torch_sync(torch.mm(ta, tb))
     seconds = timed_interleaved(fns, repeats)
     out = {"n": n, "dtype": dtype, "jnp_flops": flops / median(seconds["jnp"])}
     if torch_side:
@@ -195,6 +219,8 @@ def environment(torch_needed: bool = True) -> dict:
         env.update(
             torch=torch.__version__, torch_threads=torch.get_num_threads(), transformers=transformers.__version__
         )
+        if torch.cuda.is_available():
+            env["torch_cuda_device"] = torch.cuda.get_device_name(0)
     return env
 
 
@@ -222,9 +248,10 @@ def print_table(title: str, rows: list[dict], ours_name: str = "ours", reference
         print(f"{r['metric']:<34}{fmt(r['ours']):>14}{fmt(r['reference']):>16}{ratio:>9}  {r['unit']}")
 
 
-def random_setup(size: str, seed: int, tmp, *, with_torch: bool = True, **model_kwargs):
+def random_setup(size: str, seed: int, tmp, *, with_torch: bool = True, torch_device: str = "cpu", **model_kwargs):
     """(processor, config, our random model, torch model or None): the demo tokenizer, `bench_config(size)`, and
-    transformers' model loaded from our weights saved with `save_hf` (so both sides hold the same parameters)."""
+    transformers' model loaded from our weights saved with `save_hf` (so both sides hold the same parameters), in
+    fp32 on `torch_device`."""
     from pathlib import Path
 
     from qponder_jax.data.processing import Processor
@@ -240,5 +267,10 @@ def random_setup(size: str, seed: int, tmp, *, with_torch: bool = True, **model_
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         save_hf(model, config, Path(tmp) / "model")
-        torch_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(tmp) / "model")
+        if torch_device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise RuntimeError(f"--reference-device {torch_device}: torch sees no CUDA device here")
+        torch_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(tmp) / "model").to(torch_device)
     return proc, config, model, torch_model

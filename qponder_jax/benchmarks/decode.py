@@ -1,7 +1,9 @@
-"""`decode`: tokens/s of `qponder_jax.sampling.generate` against transformers' `generate` (torch, CPU).
+"""`decode`: tokens/s of `qponder_jax.sampling.generate` against transformers' `generate` (torch; on the CPU, or with
+`--reference-device cuda` on an NVIDIA GPU).
 
 Same random weights (ours saved with `save_hf`, loaded by transformers), the same left-padded batch of image prompts
-(demo tokenizer, one image per prompt), greedy, every sequence run to full length (no stop token). Both sides are
+(demo tokenizer, one image per prompt), greedy, every sequence run to full length (no stop token), in the same
+`--dtype` (ours: the compute dtype over fp32 weights; the reference: its weights cast to that dtype). Both sides are
 warmed up, then timed end to end (prefill included; ours with block_until_ready) in `--repeats` alternating rounds
 (ours, then the reference, so both see the same machine load), each timed call the second after an idle pause, as
 in a loop over batches (`common.timed_interleaved`); the median of each side.
@@ -17,6 +19,7 @@ import numpy as np
 
 from qponder_jax.benchmarks.common import (
     SIZES,
+    add_reference_device,
     device_peak,
     environment,
     image_prompts,
@@ -33,37 +36,46 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--no-reference", action="store_true", help="skip transformers (e.g. on an accelerator)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype, both sides")
+    parser.add_argument("--no-reference", action="store_true", help="skip transformers (e.g. on a TPU)")
+    add_reference_device(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 
 def _hf_generate(torch_model, batch, examples, new_tokens: int):
-    """transformers' greedy generate over the same batch; returns the new tokens [B, L] (numpy)."""
+    """transformers' greedy generate over the same batch, on the model's device and in its dtype; returns the new
+    tokens [B, L] (numpy, which waits for the device)."""
     import torch
 
-    ids = torch.as_tensor(batch.input_ids, dtype=torch.int64)
+    device, dtype = torch_model.device, torch_model.dtype
+    ids = torch.as_tensor(batch.input_ids, dtype=torch.int64, device=device)
     torch_model.model.rope_deltas = None
     with torch.inference_mode():
         out = torch_model.generate(
             input_ids=ids,
-            attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.int64),
+            attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.int64, device=device),
             mm_token_type_ids=(ids == torch_model.config.image_token_id).int(),
-            pixel_values=torch.as_tensor(np.concatenate([ex.pixel_values for ex in examples])),
-            image_grid_thw=torch.as_tensor(np.concatenate([ex.image_grid_thw for ex in examples])),
+            pixel_values=torch.as_tensor(np.concatenate([ex.pixel_values for ex in examples]), device=device).to(dtype),
+            image_grid_thw=torch.as_tensor(np.concatenate([ex.image_grid_thw for ex in examples]), device=device),
             do_sample=False,
             max_new_tokens=new_tokens,
             min_new_tokens=new_tokens,
             eos_token_id=None,
             pad_token_id=0,
         )
-    return out[:, ids.shape[1] :].numpy()
+    return out[:, ids.shape[1] :].cpu().numpy()
 
 
 def run(args: argparse.Namespace) -> dict:
+    import jax.numpy as jnp
+
     from qponder_jax.sampling import generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        proc, config, model, torch_model = random_setup(args.size, args.seed, tmp, with_torch=not args.no_reference)
+        proc, config, model, torch_model = random_setup(
+            args.size, args.seed, tmp, with_torch=not args.no_reference, torch_device=args.reference_device,
+            dtype=jnp.dtype(args.dtype),
+        )  # fmt: skip
     examples, batch = image_prompts(proc, args.batch, args.prompt_tokens, args.image_size, args.seed)
 
     def ours():
@@ -72,7 +84,9 @@ def run(args: argparse.Namespace) -> dict:
 
     fns = {"ours": ours}
     if torch_model is not None:
-        torch_model.eval()
+        import torch
+
+        torch_model.eval().to(getattr(torch, args.dtype))
         fns["reference"] = lambda: _hf_generate(torch_model, batch, examples, args.new_tokens)
     seconds = timed_interleaved(fns, args.repeats)
     ours_s = seconds["ours"]
@@ -87,6 +101,7 @@ def run(args: argparse.Namespace) -> dict:
             "image_tokens": int((batch.input_ids[0] == config.image_token_id).sum()),
             "new_tokens": args.new_tokens,
             "sampling": "greedy, no stop token",
+            "dtype": args.dtype,
             "repeats": args.repeats,
         },
         "ours": {"seconds": median(ours_s), "all_seconds": ours_s},
@@ -100,7 +115,8 @@ def run(args: argparse.Namespace) -> dict:
     result["ours"].update(_decode_rates(model, result["ours"]["tokens_per_s"], args.batch, result["device"]))
     if torch_model is not None:
         ref_s = seconds["reference"]
-        result["reference"] = {"name": "transformers generate (torch, CPU)", "seconds": median(ref_s)}
+        name = f"transformers generate (torch, {args.reference_device})"
+        result["reference"] = {"name": name, "device": args.reference_device, "seconds": median(ref_s)}
         result["reference"]["all_seconds"] = ref_s
         result["reference"]["tokens_per_s"] = generated / result["reference"]["seconds"]
         result["ratio"] = result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"]
@@ -111,7 +127,8 @@ def run(args: argparse.Namespace) -> dict:
 def _decode_rates(model, tokens_per_s: float, batch: int, dev: dict) -> dict:
     """Absolute rates of our decode: model FLOP/s (2 per weight of the decoder and LM head per generated token; the
     embedding lookup is not a matmul), the weight bytes read per second (every decode step reads those weights once
-    for the whole batch: the bound on a memory-bound step) and, on an accelerator, MFU against its bf16 peak."""
+    for the whole batch, in the compute dtype: the bound on a memory-bound step) and, on an accelerator, MFU against
+    its bf16 peak."""
     from flax import nnx
 
     from qponder_jax.train.optim import named_leaves
@@ -123,7 +140,10 @@ def _decode_rates(model, tokens_per_s: float, batch: int, dev: dict) -> dict:
         if not path.startswith("visual") and not ("embed_tokens" in path and not model.config.tie_word_embeddings)
     ]
     weights = sum(int(np.prod(x.shape)) for _, x in leaves)
-    weight_bytes = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for _, x in leaves)
+    # the sampler casts wider weights to the compute dtype once per call (`sampling.in_compute_dtype`): the loop reads
+    # them at the narrower of the two widths
+    itemsize = lambda x: min(np.dtype(x.dtype).itemsize, np.dtype(model.dtype).itemsize)
+    weight_bytes = sum(int(np.prod(x.shape)) * itemsize(x) for _, x in leaves)
     rates = {
         "decode_weights": weights,
         "model_flops_per_s": 2.0 * weights * tokens_per_s,
@@ -138,7 +158,8 @@ def show(result: dict) -> None:
     w = result["workload"]
     print(
         f"decode [{result['size']}]: batch {w['batch']}, prompt {w['prompt_tokens']} tokens "
-        f"({w['image_tokens']} image), {w['new_tokens']} new tokens, {w['sampling']}, median of {w['repeats']}"
+        f"({w['image_tokens']} image), {w['new_tokens']} new tokens, {w['sampling']}, {w.get('dtype', 'float32')}, "
+        f"median of {w['repeats']}"
     )
     print(f"{'':<36}{'seconds':>10}{'tokens/s':>12}")
     sides = [("ours", "qponder_jax.sampling.generate")]

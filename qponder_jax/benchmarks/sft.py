@@ -10,9 +10,10 @@ warm-up), which the untimed round absorbs.
 
 FLOPs are the model FLOPs of `train.logging.FlopModel` (6 per trainable parameter per token / patch; attention scores
 left out), the same count for both sides. They are reported as a fraction of the machine's matmul peak, measured in
-the same run: an `--matmul-n`^3 fp32 matmul timed with jnp and with torch (the larger is "the machine's peak"; their
-ratio separates our design from the BLAS each library calls). On a GPU/TPU, ours also reports tokens/s and MFU against
-the device's dense bf16 peak (`train.logging.PEAK_FLOPS_BY_DEVICE_KIND`).
+the same run: an `--matmul-n`^3 matmul in `--dtype` timed with jnp and with torch (the larger is "the machine's
+peak"; their ratio separates our design from the BLAS each library calls). On a GPU/TPU, ours also reports tokens/s
+and MFU against the device's dense bf16 peak (`train.logging.PEAK_FLOPS_BY_DEVICE_KIND`); with `--reference-device
+cuda`, torch's too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ import jax
 import numpy as np
 
 from qponder_jax.benchmarks.common import (
+    COMPARED_SIZES,
     SIZES,
+    add_reference_device,
     device_peak,
     environment,
     image_prompts,
@@ -38,14 +41,18 @@ from qponder_jax.benchmarks.common import (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--size", choices=[*sorted(SIZES), "all"], default="all")
+    parser.add_argument("--size", choices=[*sorted(SIZES), "all"], default="all", help="all: tiny and small")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=80, help="tokens per sequence, 16 image tokens included")
     parser.add_argument("--image-size", type=int, default=112, help="square image side in pixels")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul that measures the peak")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="our compute dtype")
-    parser.add_argument("--no-reference", action="store_true", help="skip torch (e.g. on an accelerator)")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="compute dtype over fp32 weights (torch: autocast)",
+    )  # fmt: skip
+    parser.add_argument("--no-reference", action="store_true", help="skip torch (e.g. on a TPU)")
+    add_reference_device(parser)
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -75,27 +82,38 @@ def _ours(model, config, batch, dtype_name: str, lr: float):
     return fn, state, placed, flops
 
 
-def _torch_step(torch_model, batch, examples, image_token_id: int, lr: float):
-    """A closure running one transformers forward + backward + AdamW step; returns the loss (float)."""
+def _torch_step(torch_model, batch, examples, image_token_id: int, lr: float, dtype_name: str):
+    """A closure running one transformers forward + backward + AdamW step on the model's device; returns the loss
+    (float, which waits for the device). With bfloat16, the forward and backward run under `torch.autocast` over the
+    fp32 weights, as ours computes in bf16 over fp32 weights."""
+    import contextlib
+
     import torch
 
-    ids = torch.as_tensor(batch.input_ids, dtype=torch.int64)
-    labels = torch.where(torch.as_tensor(batch.loss_mask), ids, torch.full_like(ids, -100))
+    device = torch_model.device
+    as_tensor = lambda x, **kw: torch.as_tensor(x, device=device, **kw)
+    ids = as_tensor(batch.input_ids, dtype=torch.int64)
+    labels = torch.where(as_tensor(batch.loss_mask), ids, torch.full_like(ids, -100))
     inputs = dict(
         input_ids=ids,
-        attention_mask=torch.as_tensor(batch.attention_mask, dtype=torch.int64),
+        attention_mask=as_tensor(batch.attention_mask, dtype=torch.int64),
         mm_token_type_ids=(ids == image_token_id).int(),
-        pixel_values=torch.as_tensor(np.concatenate([ex.pixel_values for ex in examples])),
-        image_grid_thw=torch.as_tensor(np.concatenate([ex.image_grid_thw for ex in examples])),
+        pixel_values=as_tensor(np.concatenate([ex.pixel_values for ex in examples])),
+        image_grid_thw=as_tensor(np.concatenate([ex.image_grid_thw for ex in examples])),
         labels=labels,
     )
     torch_model.train()
     opt = torch.optim.AdamW(torch_model.parameters(), lr=lr, weight_decay=0.01)
+    if dtype_name == "float32":
+        compute = contextlib.nullcontext
+    else:
+        compute = lambda: torch.autocast(device.type, dtype=getattr(torch, dtype_name))
 
     def step() -> float:
         opt.zero_grad(set_to_none=True)
         torch_model.model.rope_deltas = None
-        loss = torch_model(**inputs).loss
+        with compute():
+            loss = torch_model(**inputs).loss
         loss.backward()
         opt.step()
         return float(loss.detach())
@@ -109,8 +127,9 @@ def run_size(args: argparse.Namespace, size: str, peak: dict, dev: dict) -> dict
     lr = 1e-4
     with tempfile.TemporaryDirectory() as tmp:
         proc, config, model, torch_model = random_setup(
-            size, args.seed, tmp, with_torch=not args.no_reference, dtype=jnp.dtype(args.dtype)
-        )
+            size, args.seed, tmp, with_torch=not args.no_reference, torch_device=args.reference_device,
+            dtype=jnp.dtype(args.dtype),
+        )  # fmt: skip
     examples, batch = image_prompts(proc, args.batch, args.tokens, args.image_size, args.seed)
     batch = batch.replace(loss_mask=batch.attention_mask & (batch.input_ids != config.image_token_id))
     fn, state, placed, flops = _ours(model, config, batch, args.dtype, lr)
@@ -126,7 +145,7 @@ def run_size(args: argparse.Namespace, size: str, peak: dict, dev: dict) -> dict
     res = {"size": size, "flops_per_step": flops, "ours": {"loss": ours_loss}}
     ref_s = None
     if torch_model is not None:
-        fns["reference"] = _torch_step(torch_model, batch, examples, config.image_token_id, lr)
+        fns["reference"] = _torch_step(torch_model, batch, examples, config.image_token_id, lr, args.dtype)
         res["reference"] = {"loss": fns["reference"]()}
     seconds = timed_interleaved(fns, args.repeats)  # alternating rounds: both sides see the same load
     ours_s = seconds["ours"]
@@ -145,15 +164,19 @@ def run_size(args: argparse.Namespace, size: str, peak: dict, dev: dict) -> dict
     ]
     if dev["peak_flops_per_device"]:
         used = int(np.gcd(jax.device_count(), args.batch))
-        rows.append(row("MFU vs device bf16 peak (ours)", flops / ours_m / (used * dev["peak_flops_per_device"]), None))
+        mfu = lambda seconds: flops / seconds / (used * dev["peak_flops_per_device"])
+        on_gpu = ref_s is not None and args.reference_device == "cuda"  # torch then runs on one of the same devices
+        rows.append(row("MFU vs device bf16 peak", mfu(ours_m), mfu(ref_s) if on_gpu else None))
     res["table"] = rows
     return res
 
 
 def run(args: argparse.Namespace) -> dict:
-    peak = matmul_peak(args.matmul_n, torch_side=not args.no_reference)
+    peak = matmul_peak(
+        args.matmul_n, dtype=args.dtype, torch_side=not args.no_reference, torch_device=args.reference_device
+    )
     dev = device_peak()
-    sizes = sorted(SIZES, key=list(SIZES).index) if args.size == "all" else [args.size]
+    sizes = list(COMPARED_SIZES) if args.size == "all" else [args.size]
     return {
         "what": "sft",
         "size": None if args.size == "all" else args.size,
@@ -168,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         "matmul": peak,
         "device": dev,
         "results": [run_size(args, size, peak, dev) for size in sizes],
-        "reference_name": None if args.no_reference else "transformers + torch AdamW (CPU)",
+        "reference_name": None if args.no_reference else f"transformers + torch AdamW ({args.reference_device})",
         "environment": environment(torch_needed=not args.no_reference),
     }
 
