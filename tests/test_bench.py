@@ -41,6 +41,30 @@ def test_sft_smoke(tmp_path, capsys):
     assert "fraction of machine matmul peak" in printed and "torch / jnp" in printed
 
 
+def test_bench_decode_smoke(tmp_path, capsys):
+    argv = ["decode", "--size", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--out", str(tmp_path)]
+    bench.main(argv)
+    printed = capsys.readouterr().out
+    result = json.loads((tmp_path / "decode_tiny.json").read_text())
+    assert result["ours"]["tokens_per_s"] > 0 and result["reference"]["tokens_per_s"] > 0
+    assert result["ratio"] == pytest.approx(result["ours"]["tokens_per_s"] / result["reference"]["tokens_per_s"])
+    assert result["workload"]["batch"] == 2 and result["workload"]["new_tokens"] == 4
+    assert result["workload"]["prompt_tokens"] == 64 and result["tokens_equal"] is not None
+    assert "tokens/s" in printed and "ratio" in printed
+    # absolute rates: 2 FLOPs per decoder + LM-head weight per token (tiny: 0.43M weights, no embedding, no vision)
+    ours = result["ours"]
+    assert 0.3e6 < ours["decode_weights"] < 0.6e6
+    assert ours["model_flops_per_s"] == pytest.approx(2 * ours["decode_weights"] * ours["tokens_per_s"])
+    assert ours["weight_bytes_per_s"] == pytest.approx(4 * ours["decode_weights"] * ours["tokens_per_s"] / 2)
+    assert "mfu" not in ours and result["device"]["platform"] == "cpu"  # MFU only against an accelerator's peak
+
+    bench.main(["decode", "--size", "tiny", "--batch", "2", "--new-tokens", "4", "--repeats", "1", "--no-reference",
+                "--out", str(tmp_path / "alone")])  # fmt: skip
+    alone = json.loads((tmp_path / "alone" / "decode_tiny.json").read_text())
+    assert alone["reference"] is None and alone["ratio"] is None and alone["ours"]["tokens_per_s"] > 0
+    assert "reference skipped" in capsys.readouterr().out
+
+
 def test_decode_smoke_in_bf16(tmp_path, capsys):
     """Both sides in bf16 (the reference's weights cast); the sampler casts the fp32 weights once, so the weight bytes
     read per step are 2 per weight."""

@@ -254,6 +254,12 @@ def random_setup(size: str, seed: int, tmp, *, with_torch: bool = True, torch_de
     fp32 on `torch_device`."""
     from pathlib import Path
 
+    if with_torch and torch_device != "cpu":  # before any model is built or saved
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"--reference-device {torch_device}: torch sees no CUDA device here")
+
     from qponder_jax.data.processing import Processor
     from qponder_jax.data.tokenizer import build_demo_tokenizer
     from qponder_jax.hf import save_hf
@@ -267,10 +273,5 @@ def random_setup(size: str, seed: int, tmp, *, with_torch: bool = True, torch_de
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         save_hf(model, config, Path(tmp) / "model")
-        if torch_device != "cpu":
-            import torch
-
-            if not torch.cuda.is_available():
-                raise RuntimeError(f"--reference-device {torch_device}: torch sees no CUDA device here")
         torch_model = Qwen2_5_VLForConditionalGeneration.from_pretrained(Path(tmp) / "model").to(torch_device)
     return proc, config, model, torch_model
