@@ -2,20 +2,25 @@
 
 from setuptools import find_packages, setup
 
-# Pinned versions: the set tested together in CI.
+# Pinned versions: the set tested together in CI. Everything the package imports at run time, directly or through a
+# library's optional path we use (jinja2: transformers' chat templates), is listed here; tests/test_install.py and
+# `.ci/run`'s bare install check it.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
+    "ml-dtypes==0.7.0",
     "flax==0.12.8",
     "optax==0.2.8",
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "tensorflow-datasets==4.9.10",
+    "etils==1.15.0",
     "array-record==0.8.6",
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
     "transformers==5.23.0",
     "tokenizers==0.23.3",
+    "jinja2==3.1.6",
     "safetensors==0.8.0",
     "einops==0.8.2",
     "numpy==2.4.6",

@@ -2,6 +2,7 @@
 
     qponder --config=configs/demo.py --workdir=runs/demo          # ~8 minutes on 2 CPU cores
     qponder --config=configs/demo.py:test --workdir=/tmp/demo     # the reduced setting tests/test_demo.py runs
+    qponder --config=configs/demo.py:smoke --workdir=/tmp/smoke   # every stage in about a minute (CI's bare install)
 
 Seven stages, each in its own sub-folder of the workdir with a `done.json` marker: (1) the demo tokenizer and a tiny
 random Qwen2.5-VL as an HF folder, (2) the synthetic IQA set (train / validation / test), (3) cold-start data from the
@@ -22,7 +23,7 @@ import ml_collections  # noqa: E402
 
 from configs import common  # noqa: E402
 
-VARIANTS = ("default", "test")
+VARIANTS = ("default", "test", "smoke")
 
 # A short user prompt: the demo model is trained from scratch, so the long expert prompt only costs tokens.
 DEMO_PROMPT = "Rate the quality of this image."
@@ -85,4 +86,9 @@ def get_config(arg: str | None = None):
         d.validation_size, d.test_size = 32, 128
         g.total_steps = 4
         g.log_every = g.checkpoint_every = 2
+    if variant == "smoke":  # every stage and code path, a few steps each: proves an install works, not quality
+        d.train_size, d.validation_size, d.test_size = 64, 16, 16
+        s.total_steps, s.warmup_steps, s.log_every, s.checkpoint_every = 10, 2, 5, 10
+        g.total_steps, g.batch_size, g.log_every, g.checkpoint_every = 2, 4, 1, 2
+        e.batch_size = 16
     return config.lock()
