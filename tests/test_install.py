@@ -152,3 +152,22 @@ def test_the_demo_runs_every_job_without_the_extras_and_says_nothing_about_torch
     assert "torch" not in (out.stdout + out.stderr).lower(), [
         line for line in (out.stdout + out.stderr).splitlines() if "torch" in line.lower()
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "target, args",
+    [
+        ("qponder_jax.main", ["--config=configs/distill.py:tiny"]),  # distill (the tiny teacher)
+        ("qponder_jax.main", ["--config=configs/eval.py:vqa_tiny"]),  # eval on videos (PyAV decoding)
+        ("qponder_jax.data.datasets", ["build", "synthetic_vqa"]),  # a tfds build (no TensorFlow)
+        ("qponder_jax.bench", ["decode", "--size", "tiny", "--no-reference", "--repeats", "1"]),  # bench, our side
+    ],
+    ids=["distill", "eval-video", "datasets-build", "bench"],
+)
+def test_the_other_job_paths_run_without_the_extras(tmp_path, target, args):
+    where = "--data_dir" if target == "qponder_jax.data.datasets" else "--out" if target == "qponder_jax.bench" else ""
+    args = args + ([f"{where}={tmp_path}"] if where else [f"--workdir={tmp_path}"])
+    out = _run_without_extras("module", target, *args)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "pytorch" not in (out.stdout + out.stderr).lower()
