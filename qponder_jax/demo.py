@@ -155,8 +155,8 @@ def build_demo_model(out_dir: Path, *, seed: int, sizes, patch_init: str = "rand
 
     from qponder_jax.data.tokenizer import build_demo_tokenizer
     from qponder_jax.embedded import demo_model_config
-    from qponder_jax.export import is_hf_folder
     from qponder_jax.hf import save_hf
+    from qponder_jax.loading import is_hf_folder
     from qponder_jax.model.qwen2_5_vl import create_model
 
     if is_hf_folder(out_dir):
@@ -269,7 +269,7 @@ def _cold_start_stage(config, where: Path, outputs) -> dict:
 
 def _sft_stage(config, where: Path, outputs) -> dict:
     from configs import qponder_ci
-    from qponder_jax.train import sft
+    from qponder_jax.train import sft_job
 
     c = qponder_ci.get_config("tiny").unlock()
     c.seed = config.seed
@@ -286,7 +286,7 @@ def _sft_stage(config, where: Path, outputs) -> dict:
     c.lock()
     write_run_config(c, where)
     with progress("  [4/7 sft]", s.total_steps):
-        result = sft.run(c, where)
+        result = sft_job.run(c, where)
     losses = list(result.losses.values())
     return {"status": result.status, "checkpoint": str(where), "step": int(result.state.step),
             "final_loss": float(np.mean(losses[-s.log_every:])) if losses else None}  # fmt: skip

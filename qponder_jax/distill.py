@@ -321,8 +321,8 @@ def distill(
 
 def run(config, workdir: str | Path) -> dict:
     """The `distill` job (configs/distill.py)."""
-    from qponder_jax.eval import make_processor, open_source
-    from qponder_jax.export import load_checkpoint
+    from qponder_jax.data.sources import open_source
+    from qponder_jax.loading import load_checkpoint, make_processor
     from qponder_jax.model import sharding
 
     workdir = Path(workdir)

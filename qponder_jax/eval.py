@@ -5,7 +5,7 @@ checks.
     qponder --config=configs/eval.py:koniq_cross --workdir=runs/eval --config.checkpoint=runs/qponder_7b \
         --config.data.data_dir=/data/tfds
 
-The model is an HF folder or an orbax training workdir (`export.load_checkpoint`). Score modes
+The model is an HF folder or an orbax training workdir (`loading.load_checkpoint`). Score modes
 (`evaluation/scoring.py`): "greedy", "sample_mean" (mean over N samples at a temperature) and "level" (Q-Align level
 scoring, no decoding). Video records (the VQA sets) are decoded and sampled as `data.video` says and prompted with
 the clip, its key-frame crops and the text (`train.video_inputs`); an undecodable video or image is skipped and listed
@@ -27,12 +27,14 @@ import numpy as np
 from absl import logging
 
 from qponder_jax import prompts
-from qponder_jax.data.datasets import ImageError, SyntheticIQA, decode_image
-from qponder_jax.data.processing import Buckets, Processor
+from qponder_jax.data.datasets import ImageError, decode_image
+from qponder_jax.data.processing import Processor
+from qponder_jax.data.sources import open_source
 from qponder_jax.data.video import VideoError, VideoSampling, load_video_inputs
 from qponder_jax.errors import ConfigError
 from qponder_jax.evaluation import descriptions, scoring
 from qponder_jax.evaluation import report as reporting
+from qponder_jax.loading import load_checkpoint, make_processor
 from qponder_jax.metrics import iqa_metrics
 from qponder_jax.model import sharding
 from qponder_jax.train import video_inputs
@@ -318,47 +320,8 @@ def dataset_specs(config) -> tuple[str, ...]:
     return specs
 
 
-def open_source(spec: str, data: Mapping, *, workdir: str | Path | None = None):
-    """A random-access source for "name:split" ("synthetic:test", "koniq10k:test", "csiq" = all of CSIQ, "lsvq:test").
-    "synthetic_vqa" missing from data.data_dir (or with no data_dir) is built into `<workdir>/data/tfds` first."""
-    from qponder_jax.data import datasets
-
-    name, _, split = spec.partition(":")
-    if name in datasets.VIDEO_DATASETS:
-        return datasets.load(name, split or "all", data_dir=video_inputs.video_data_dir(name, data, workdir))
-    if name == "synthetic":
-        return SyntheticIQA(
-            split or "test",
-            size=int(data["synthetic_size"]) or None,
-            seed=int(data["synthetic_seed"]),
-            min_side=int(data["synthetic_min_side"]),
-            max_side=int(data["synthetic_max_side"]),
-            distortions=str(data.get("synthetic_distortions", "")),
-        )
-    if not data["data_dir"]:
-        raise ConfigError(
-            f"dataset {spec!r} needs config field data.data_dir: the tfds folder where "
-            f"`qponder_jax.data.datasets.build({name!r}, ...)` wrote it"
-        )
-    return datasets.load(name, split or "all", data_dir=data["data_dir"])
-
-
-def make_processor(tokenizer_dir: Path, data: Mapping) -> Processor:
-    """The processor of `tokenizer_dir` with the config's buckets and pixel limits."""
-    buckets = Buckets(
-        tokens=tuple(data["token_buckets"]), patches=tuple(data["patch_buckets"]), images=tuple(data["image_buckets"])
-    )
-    proc = Processor.from_pretrained(tokenizer_dir, buckets=buckets, truncation=bool(data["truncation"]))
-    changes = {k: int(data[k]) for k in ("min_pixels", "max_pixels") if int(data[k])}
-    if changes:
-        proc.image_config = dataclasses.replace(proc.image_config, **changes)
-    return proc
-
-
 def run(config, workdir: str | Path) -> dict:
     """The `eval` job (configs/eval.py)."""
-    from qponder_jax.export import load_checkpoint
-
     workdir = Path(workdir)
     settings = EvalSettings.from_config(config.score, config.data)
     sources = {spec: open_source(spec, config.data, workdir=workdir) for spec in dataset_specs(config)}  # fail fast

@@ -24,7 +24,7 @@ from qponder_jax import distributed  # registers --coordinator_address, --num_pr
 JobFn = Callable[[Any, Path], Any]
 
 JOBS: dict[str, str | JobFn] = {
-    "sft": "qponder_jax.train.sft:run",  # cold-start SFT (configs/qponder_ci.py)
+    "sft": "qponder_jax.train.sft_job:run",  # cold-start SFT (configs/qponder_ci.py)
     "grpo": "qponder_jax.train.grpo_job:run",  # GRPO (configs/qponder.py, configs/preresq.py)
     "eval": "qponder_jax.eval:run",  # IQA evaluation (configs/eval.py)
     "distill": "qponder_jax.distill:run",  # teacher -> cold-start JSONL (configs/distill.py)

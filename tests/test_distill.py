@@ -13,7 +13,7 @@ from test_eval import DATA, Scripted
 from qponder_jax import distill, prompts
 from qponder_jax.data.datasets import ColdStartSource, SyntheticIQA, decode_image
 from qponder_jax.data.tokenizer import build_demo_tokenizer
-from qponder_jax.eval import make_processor
+from qponder_jax.loading import make_processor
 
 FAKE_MODEL = types.SimpleNamespace(config=types.SimpleNamespace(text=types.SimpleNamespace(eos_token_id=None)))
 

@@ -14,7 +14,7 @@ from torch_ref import torch_logits
 from train_helpers import Run, make_batch
 from transformers import AutoTokenizer, Qwen2_5_VLForConditionalGeneration
 
-from qponder_jax import export, prompts
+from qponder_jax import export, loading, prompts
 from qponder_jax.data.processing import Processor
 from qponder_jax.embedded import build_tiny_model
 from qponder_jax.model.config import Qwen25VLConfig, tiny_config
@@ -107,7 +107,7 @@ def test_export_round_trip_matches_transformers(trained, tmp_path):
 def test_restore_is_sharded_and_equals_the_trained_params(trained):
     run_dir, _, params, _ = trained
     mesh = make_mesh((1, 4, 2))
-    loaded = export.load_checkpoint(run_dir, model_cfg={"model_path": "", **_model_cfg()}, workdir=run_dir, mesh=mesh)
+    loaded = loading.load_checkpoint(run_dir, model_cfg={"model_path": "", **_model_cfg()}, workdir=run_dir, mesh=mesh)
     assert (loaded.source, loaded.step, loaded.base_dir) == ("orbax", STEPS, run_dir / "tiny_model")
     kernel = loaded.model.language_model.layers[0].mlp.gate_proj.kernel[...]
     assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
@@ -139,13 +139,13 @@ def test_bad_checkpoints_fail_clearly(trained, tmp_path):
     other = tiny_config(vocab_size=1024, intermediate_size=96)
     abstract = nnx.eval_shape(lambda: Qwen25VL(other, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"'language_model/layers/0/mlp/down_proj/kernel' has shape \(128, 64\)"):
-        export.restore_params(run_dir / "checkpoints", abstract, make_mesh((1, 1, 1)))
+        loading.restore_params(run_dir / "checkpoints", abstract, make_mesh((1, 1, 1)))
     with pytest.raises(FileNotFoundError, match=f"no checkpoint at step 7; saved steps: \\[{STEPS}\\]"):
-        export.restore_params(run_dir / "checkpoints", abstract, make_mesh((1, 1, 1)), step=7)
+        loading.restore_params(run_dir / "checkpoints", abstract, make_mesh((1, 1, 1)), step=7)
     # which base model: the run's config, else its tiny_model/, else a clear request for model.model_path
     bare = tmp_path / "bare"
     shutil.copytree(run_dir / "checkpoints", bare / "checkpoints")
     with pytest.raises(ValueError, match="model.model_path"):
-        export.base_folders(bare, {"model_path": "", **_model_cfg()})
+        loading.base_folders(bare, {"model_path": "", **_model_cfg()})
     shutil.copytree(run_dir / "tiny_model", bare / "tiny_model")
-    assert export.base_folders(bare, {"model_path": "", **_model_cfg()})[0] == bare / "tiny_model"
+    assert loading.base_folders(bare, {"model_path": "", **_model_cfg()})[0] == bare / "tiny_model"

@@ -213,7 +213,7 @@ def _restore_params(workdir: Path, steps: int) -> tuple[int, dict]:
 def test_two_processes_match_one_process_and_the_checkpoint_resumes_in_one(tmp_path):
     from qponder_jax.data.datasets.cold_start import ColdStartSource
     from qponder_jax.data.processing import Buckets, Processor
-    from qponder_jax.train.sft import EncodeColdStart
+    from qponder_jax.train.sft_job import EncodeColdStart
 
     ref, multi = tmp_path / "one_process", tmp_path / "two_processes"
     _run(SFT_FLAGS + ["--config.train.total_steps=4", f"--workdir={ref}"])
@@ -298,17 +298,18 @@ def _samples(text: str) -> dict[int, str]:
 
 @pytest.mark.slow
 def test_grpo_two_processes_match_one_process_and_resume_in_one(tmp_path):
-    from qponder_jax import eval as eval_lib
     from qponder_jax.data import pipeline
+    from qponder_jax.data.sources import open_source
+    from qponder_jax.loading import make_processor
     from qponder_jax.train.grpo_job import EncodePrompt
 
     sft = _cold_start(tmp_path)
     flags = GRPO_FLAGS + [f"--config.init_checkpoint={sft}"]
     config = _config("qponder", "tiny", {"data.synthetic_size": 32, "data.token_buckets": GRPO_TOKEN_BUCKETS,
                                          "data.patch_buckets": GRPO_PATCH_BUCKETS})  # fmt: skip
-    proc = eval_lib.make_processor(sft / "tiny_model", config.data)
+    proc = make_processor(sft / "tiny_model", config.data)
     collate = pipeline.collate_pairs(functools.partial(proc.collate, padding_side="left"))
-    prompts_source = eval_lib.open_source("synthetic:train", config.data)
+    prompts_source = open_source("synthetic:train", config.data)
     assert _halves_needing_other_buckets(prompts_source, EncodePrompt(proc, COLD_START_PROMPT), collate, 8, 3) >= 1
 
     ref, multi = tmp_path / "one_process", tmp_path / "two_processes"

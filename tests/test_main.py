@@ -119,9 +119,9 @@ def test_configs_are_locked_and_every_field_is_commented():
 
 
 def test_job_registry():
-    from qponder_jax.train import sft
+    from qponder_jax.train import sft_job
 
-    assert qmain.get_job("sft") is sft.run
+    assert qmain.get_job("sft") is sft_job.run
     with pytest.raises(ValueError, match=r"unknown job.*known jobs: \[.*'sft'"):
         qmain.get_job("sfft")
     qmain.register_job("echo", lambda config, workdir: ("ran", workdir))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from qponder_jax import embedded, prompts
 from qponder_jax import eval as eval_job
-from qponder_jax.data import datasets
+from qponder_jax.data import datasets, sources
 from qponder_jax.data.datasets import synthetic_video
 from qponder_jax.data.image import ImageConfig, num_patches_for_size
 from qponder_jax.data.processing import Processor
@@ -181,14 +181,14 @@ def test_decoded_videos_skip_undecodable_and_count(tmp_path, caplog, tiny_folder
 def test_open_source_finds_or_builds_the_synthetic_vqa_set(tmp_path, vqa_dir):
     data_dir, _ = vqa_dir
     data = dict(_tiny_vqa_config(data_dir).data)
-    source = eval_job.open_source("synthetic_vqa:test", data, workdir=tmp_path / "run")
+    source = sources.open_source("synthetic_vqa:test", data, workdir=tmp_path / "run")
     assert len(source) == 64 and source[0]["video_path"].startswith(str(data_dir.parent))
     assert not (tmp_path / "run").exists()  # built in data.data_dir: nothing built in the workdir
     with pytest.raises(ConfigError, match="not built in data.data_dir"):
-        eval_job.open_source("synthetic_vqa:test", dict(data, data_dir=""))
+        sources.open_source("synthetic_vqa:test", dict(data, data_dir=""))
     with pytest.raises(ConfigError, match="lsvq.*data.data_dir"):
-        eval_job.open_source("lsvq:test", dict(data, data_dir=""), workdir=tmp_path)
-    built = video_inputs.video_data_dir("synthetic_vqa", dict(data, data_dir=""), tmp_path / "run")
+        sources.open_source("lsvq:test", dict(data, data_dir=""), workdir=tmp_path)
+    built = sources.video_data_dir("synthetic_vqa", dict(data, data_dir=""), tmp_path / "run")
     assert Path(built) == tmp_path / "run" / "data" / "tfds"
     stamp = (Path(built) / "synthetic_vqa").stat().st_mtime_ns
     train = video_inputs.open_training_source("synthetic_vqa:train", dict(data, data_dir=""), tmp_path / "run")

@@ -409,10 +409,3 @@ def jit_grpo_step(step: GRPOStep, state_shards: TrainState, mesh: Mesh) -> Calla
 
     run.cache = cache  # holds the jitted function after the first call (lowering / compile-count checks)
     return run
-
-
-def run(config, workdir):
-    """The `grpo` job (configs/qponder.py, configs/preresq.py); see `grpo_job.run`."""
-    from qponder_jax.train import grpo_job
-
-    return grpo_job.run(config, workdir)

@@ -142,10 +142,9 @@ class HostMetrics:
 
 def run(config, workdir) -> loop.LoopResult:
     """GRPO from a configs/qponder.py or configs/preresq.py config; resumes from `<workdir>/checkpoints`."""
-    from qponder_jax import eval as eval_lib
     from qponder_jax.data import pipeline
     from qponder_jax.evaluation.scoring import stop_ids as stop_ids_of
-    from qponder_jax.export import load_checkpoint
+    from qponder_jax.loading import load_checkpoint, make_processor
     from qponder_jax.model import sharding
     from qponder_jax.rewards.parse import build_parser
 
@@ -159,7 +158,7 @@ def run(config, workdir) -> loop.LoopResult:
             "checkpoint. Pass --config.init_checkpoint=<an SFT workdir of configs/qponder_ci.py, or an HF folder>"
         )
     loaded = load_checkpoint(config.init_checkpoint, model_cfg=config.model, workdir=workdir, mesh=mesh)
-    proc = eval_lib.make_processor(loaded.tokenizer_dir, d)
+    proc = make_processor(loaded.tokenizer_dir, d)
     settings = settings_from_config(config, stop_ids=stop_ids_of(proc, loaded.config), pad_id=proc.pad_token_id)
     n_rollouts = d.batch_size * settings.num_generations
     if n_rollouts % settings.num_minibatches:

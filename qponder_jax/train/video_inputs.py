@@ -31,7 +31,6 @@ from qponder_jax.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SYNTHETIC_VQA = "synthetic_vqa"  # the generated VQA set: built into the workdir when data.data_dir lacks it
 SKIP_FILE = "skipped_videos.jsonl"  # under the GRPO workdir: one JSON line per skipped video
 
 
@@ -153,46 +152,13 @@ def skip_file_path(workdir: str | os.PathLike) -> Path:
     return Path(workdir) / name
 
 
-def video_data_dir(name: str, data: Mapping, workdir: str | os.PathLike | None) -> str:
-    """The tfds folder to read VQA set `name` from: data.data_dir; for the synthetic VQA set, when data.data_dir is
-    empty or does not hold it, `<workdir>/data/tfds`, built there first (process 0 only; nothing downloaded)."""
-    from qponder_jax.data import datasets
-
-    data_dir = str(data["data_dir"])
-    if name != SYNTHETIC_VQA:
-        if not data_dir:
-            raise ConfigError(
-                f"dataset {name!r} needs config field data.data_dir: the tfds folder where "
-                f"`qponder_jax.data.datasets.build({name!r}, manual_dir, data_dir)` wrote it"
-            )
-        return data_dir
-    if data_dir and datasets.get_builder(name, data_dir).is_prepared():
-        return data_dir
-    if workdir is None:
-        raise ConfigError(
-            f"dataset {name!r} is not built in data.data_dir={data_dir!r}: build it with "
-            f"`python -m qponder_jax.data.datasets build {name} --data_dir=DIR` (nothing to download)"
-        )
-    target = Path(workdir) / "data" / "tfds"
-
-    def build():
-        if not datasets.get_builder(name, target).is_prepared():
-            log.info("%s is not built in data.data_dir=%r: building it into %s", name, data_dir, target)
-            datasets.build(name, None, target)
-
-    from qponder_jax import distributed
-
-    distributed.run_once(build, name=f"build_{name}:{target}")
-    return str(target)
-
-
 def open_training_source(spec: str, data: Mapping, workdir: str | os.PathLike):
-    """The GRPO source of "name:split": `eval.open_source`'s, with VQA records decoded by `DecodedVideos` (skips
+    """The GRPO source of "name:split": `sources.open_source`'s, with VQA records decoded by `DecodedVideos` (skips
     logged to this process's skip file under `workdir`)."""
-    from qponder_jax import eval as eval_lib
     from qponder_jax.data.datasets import VIDEO_DATASETS
+    from qponder_jax.data.sources import open_source
 
-    source = eval_lib.open_source(spec, data, workdir=workdir)
+    source = open_source(spec, data, workdir=workdir)
     if spec.partition(":")[0] not in VIDEO_DATASETS:
         return source
     return DecodedVideos(source, sampling_from(data), skip_file=skip_file_path(workdir), where=spec)
