@@ -131,7 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attn-impl",
         choices=IMPLEMENTATIONS,
         default="xla",
-        help="attention implementation (splash / cudnn / auto need --platform native on a TPU / GPU)",
+        help="attention implementation (auto: by backend; splash / cudnn need --platform native on a TPU / GPU)",
     )
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
 
