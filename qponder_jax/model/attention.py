@@ -3,7 +3,7 @@
 Masking is expressed with segment ids and positions only: a query attends to a key when both carry the
 same non-zero segment id and, if causal, the key's position is not after the query's. Padding carries
 segment id 0 and is never attended to; a query row with nothing to attend to is ignored downstream: "xla" and
-"splash" return the mean of all values there (a uniform softmax), "cudnn" some other finite value.
+"splash" return the mean of all values there (a uniform softmax); "cudnn"'s value there is unspecified.
 
 Implementations: "xla" (dense [B, H, Tq, Tk] scores, everywhere), "cudnn" (cuDNN flash attention, NVIDIA GPUs),
 "splash" (the Pallas splash-attention kernel, TPUs; `SPLASH_INTERPRET` runs it on a CPU) and "auto" (splash on a
