@@ -17,14 +17,16 @@ def parse_variant(arg: str | None, variants: tuple[str, ...], default: str) -> s
     return variant
 
 
-def model(*, model_path: str = "", tokenizer_path: str = "", dtype: str = "float32") -> ml_collections.ConfigDict:
+def model(
+    *, model_path: str = "", tokenizer_path: str = "", dtype: str = "float32", attn_impl: str = "xla"
+) -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.model_path = model_path  # local HF Qwen2.5-VL folder, or "embedded:tiny" (tiny random model in the workdir)
     c.tokenizer_path = tokenizer_path  # tokenizer + preprocessor folder; "" = the model folder
     c.dtype = dtype  # compute dtype of matmuls: "float32" or "bfloat16"
     c.param_dtype = "float32"  # dtype the parameters (and optimizer state) are stored in
     c.remat = False  # rematerialize each layer's activations in the backward pass (saves memory, costs ~1/3 FLOPs)
-    c.attn_impl = "xla"  # attention implementation: "xla" (everywhere) or "cudnn" (NVIDIA GPUs)
+    c.attn_impl = attn_impl  # attention: "xla" (anywhere), "cudnn" (NVIDIA GPU), "splash" (TPU) or "auto" (by device)
     c.seed = 0  # seed of the tiny random model (only used with model_path "embedded:tiny")
     return c
 

@@ -33,7 +33,11 @@ def get_config(arg: str | None = None):
     config.variant = variant  # the variant this config was built for (informational)
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
     config.teacher = "rule" if variant == "tiny" else "model"  # "model" (model section / checkpoint) or "rule"
-    config.model = common.model(model_path="embedded:tiny" if tiny else "", dtype="float32" if tiny else "bfloat16")
+    config.model = common.model(
+        model_path="embedded:tiny" if tiny else "",
+        dtype="float32" if tiny else "bfloat16",
+        attn_impl="xla" if tiny else "auto",
+    )
     config.checkpoint = ""  # an orbax training workdir or HF folder used as the teacher ("" = model.model_path)
     config.out_dir = ""  # output folder ("" = <workdir>/cold_start): cold_start.jsonl, images/, summary.json
 

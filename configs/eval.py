@@ -93,7 +93,8 @@ def get_config(arg: str | None = None):
             config.data.token_buckets = (256,)
             config.data.video = preresq.video(num_frames=4, global_max_pixels=56 * 56, num_crops=2, crop_size=56)
     else:
-        config.model = common.model(dtype="bfloat16")  # base HF folder of an orbax checkpoint ("" = the run's own)
+        # model_path: the base HF folder of an orbax checkpoint ("" = the run's own)
+        config.model = common.model(dtype="bfloat16", attn_impl="auto")
         config.data = data(batch_size=32, max_pixels=448 * 448, patch_buckets=(256, 1024))
         config.score = score()
         if variant == "kadid":

@@ -133,7 +133,8 @@ def base(variant: str, job_name: str = "grpo") -> ml_collections.ConfigDict:
     if variant == "tiny":
         config.model = common.model(model_path="embedded:tiny")
     else:
-        config.model = common.model(dtype="bfloat16")  # model_path "": the base comes from the SFT workdir
+        # model_path "": the base comes from the SFT workdir
+        config.model = common.model(dtype="bfloat16", attn_impl="auto")
         config.model.remat = True
     return config
 

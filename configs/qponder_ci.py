@@ -41,7 +41,7 @@ def get_config(arg: str | None = None):
         config.train.eval_every = 20
         config.train.checkpoint_every = 20
     else:
-        config.model = common.model(dtype="bfloat16")
+        config.model = common.model(dtype="bfloat16", attn_impl="auto")
         config.model.remat = True
         config.data = common.cold_start_data(source="jsonl", batch_size=64)
         config.data.max_pixels = 448 * 448

@@ -136,6 +136,18 @@ def test_memory_native_platform(tmp_path, capsys):
         bench.main([*argv, "--devices", "4096", "--out", str(tmp_path / "too_many")])
 
 
+def test_memory_attn_impl_reaches_the_planned_model(tmp_path, monkeypatch):
+    """`--attn-impl splash` reaches the worker's model: on this CPU (not in Pallas interpret mode) its first attention
+    call refuses to trace the TPU kernel; the simulated CPU devices refuse a kernel before any worker starts."""
+    monkeypatch.delenv("QPONDER_SPLASH_INTERPRET", raising=False)
+    argv = ["memory", "--models", "tiny", "--steps", "sft", "--scale", "0.1", "--direct", "--devices", "2"]
+    argv += ["--attn-impl", "splash"]
+    with pytest.raises(ValueError, match="--attn-impl splash needs --platform native"):
+        bench.main([*argv, "--out", str(tmp_path / "cpu")])
+    with pytest.raises(RuntimeError, match="attn_impl 'splash' runs a TPU kernel and this backend is 'cpu'"):
+        bench.main([*argv, "--platform", "native", "--out", str(tmp_path / "native")])
+
+
 @pytest.mark.slow
 def test_memory_smoke_and_fit_validation(tmp_path, capsys):
     argv = ["memory", "--models", "tiny", "--devices", "8", "--scale", "0.1", "--validate"]

@@ -26,6 +26,9 @@ the accelerator (its own backend and devices, no simulated CPU devices).
 
 Workloads follow the `3b` / `7b` variants of configs/qponder_ci.py and configs/qponder.py: fp32 parameters and AdamW
 state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1)); images of 448x448 (1024 patches).
+`--attn-impl` picks the attention (default xla; the variants' "auto" resolves to it on a CPU); splash and cudnn
+compile TPU / GPU kernels, so they need `--platform native` on that accelerator (docs/performance.md: what splash is
+expected to change).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import time
 
+from qponder_jax.model.attention import IMPLEMENTATIONS
 from qponder_jax.model.config import Qwen25VLConfig, TextConfig, VisionConfig, tiny_config
 
 GIB = 1024**3
@@ -123,6 +127,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="cpu",
         help="cpu: N simulated CPU devices (default); native: this machine's backend (GPU/TPU), its first N devices",
     )
+    parser.add_argument(
+        "--attn-impl",
+        choices=IMPLEMENTATIONS,
+        default="xla",
+        help="attention implementation (auto: by backend; splash / cudnn need --platform native on a TPU / GPU)",
+    )
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
 
 
@@ -164,7 +174,9 @@ def _abstract_batch(config: Qwen25VLConfig, b: int, t: int, p: int, mesh):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, shards), shards
 
 
-def _planned_bytes(model_name: str, config: Qwen25VLConfig, step: str, mesh, sft: dict, grpo: dict) -> dict:
+def _planned_bytes(
+    model_name: str, config: Qwen25VLConfig, step: str, mesh, sft: dict, grpo: dict, attn_impl: str = "xla"
+) -> dict:
     """Compile one step for `config` on `mesh` (all abstract) and return its per-device memory analysis."""
     import jax
     import jax.numpy as jnp
@@ -177,7 +189,9 @@ def _planned_bytes(model_name: str, config: Qwen25VLConfig, step: str, mesh, sft
     from qponder_jax.train import state as state_lib
 
     remat = True  # both 3b / 7b config variants train with per-layer remat
-    make = lambda: Qwen25VL(config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat)
+    make = lambda: Qwen25VL(
+        config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat, attn_impl=attn_impl
+    )
     abstract_model = nnx.eval_shape(make)
     graphdef, params, rest = state_lib.split_model(abstract_model)
     labels = jax.tree.map(lambda _: optim.TRAIN, params)
@@ -287,11 +301,13 @@ def worker(args: argparse.Namespace) -> list[dict]:
             case = {"model": name, "step": step, "devices": n, "mesh": [1, n, 1], "layers": list(full),
                     "platform": device.platform, "device_kind": device.device_kind}  # fmt: skip
             if args.direct:
-                direct = _planned_bytes(name, config, step, mesh, sft, grpo)
+                direct = _planned_bytes(name, config, step, mesh, sft, grpo, args.attn_impl)
                 case.update(bytes=direct["total"], method="direct", compile_s=direct["compile_s"])
             else:
                 points = FIT_POINTS[step]
-                plans = {p: _planned_bytes(name, reduced(config, *p), step, mesh, sft, grpo) for p in points}
+                plans = {
+                    p: _planned_bytes(name, reduced(config, *p), step, mesh, sft, grpo, args.attn_impl) for p in points
+                }
                 totals = {p: float(v["total"]) for p, v in plans.items()}
                 case.update(
                     bytes=fit_layers(totals, *full, step),
@@ -301,7 +317,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
                 )
                 if args.validate:
                     at = VALIDATE_POINTS[step]
-                    got = _planned_bytes(name, reduced(config, *at), step, mesh, sft, grpo)["total"]
+                    got = _planned_bytes(name, reduced(config, *at), step, mesh, sft, grpo, args.attn_impl)["total"]
                     want = fit_layers(totals, *at, step)
                     case["validation"] = {"layers": list(at), "compiled": got, "fit": want,
                                           "relative_error": abs(want - got) / got}  # fmt: skip
@@ -319,7 +335,7 @@ def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
         flags += [SCHEDULER_FLAG, f"--xla_force_host_platform_device_count={n}"]
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
     cmd = [sys.executable, "-m", "qponder_jax.bench", "memory", "--worker", str(n), "--models", args.models]
-    cmd += ["--platform", args.platform]
+    cmd += ["--platform", args.platform, "--attn-impl", args.attn_impl]
     cmd += ["--steps", args.steps, "--scale", str(args.scale), "--minibatches", str(args.minibatches)]
     cmd += ["--validate"] * args.validate + ["--direct"] * args.direct + ["--no-share-prompts"] * args.no_share_prompts
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -334,6 +350,8 @@ def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     if args.worker:
         return {"what": "memory-worker", "cases": worker(args)}
+    if args.platform == "cpu" and args.attn_impl not in ("xla", "auto"):
+        raise ValueError(f"memory: --attn-impl {args.attn_impl} needs --platform native (a TPU / GPU backend)")
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         raise ValueError(f"memory: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
@@ -347,6 +365,7 @@ def run(args: argparse.Namespace) -> dict:
             "sft": sft,
             "grpo": grpo,
             "dtype": "fp32 params + AdamW, bf16 compute, remat",
+            "attn_impl": args.attn_impl,
             "scale": args.scale,
         },
         "platform": args.platform,
@@ -363,7 +382,7 @@ def show(result: dict) -> None:
     print(
         f"memory: XLA-planned bytes per device, {w['dtype']}; SFT batch {w['sft']['batch']} x {w['sft']['tokens']} "
         f"tokens; GRPO {w['grpo']['prompts']} prompts x G {w['grpo']['generations']}, {w['grpo']['tokens']} + "
-        f"{w['grpo']['new_tokens']} tokens; {w['sft']['patches']} patches per image"
+        f"{w['grpo']['new_tokens']} tokens; {w['sft']['patches']} patches per image; attention {w['attn_impl']}"
     )
     hbm = "".join(f"{str(h) + ' GiB':>9}" for h in result["hbm_gib"])
     print(f"{'model':<7}{'step':<6}{'mesh':<12}{'GiB/device':>11}{hbm}  method")
