@@ -96,11 +96,11 @@ def main(argv: list[str]) -> None:
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what to fix (a missing path, a workdir of another model, a diverged run): printed
     as one line with exit status 1, without a traceback."""
-    from qponder_jax.errors import ConfigError
+    from qponder_jax.errors import ConfigError, DataError
     from qponder_jax.train.loop import NonFiniteError
     from qponder_jax.train.state import CheckpointMismatchError
 
-    return (ConfigError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
+    return (ConfigError, DataError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
 
 
 def _write_config(config, workdir: Path) -> None:
