@@ -105,7 +105,12 @@ def _swap_in(staging: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
     if out.exists():
         out.rename(old)
-    staging.rename(out)
+    try:
+        staging.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)  # the previous export back in place
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

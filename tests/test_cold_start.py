@@ -145,3 +145,15 @@ def test_response_pattern_is_the_rewards_format():
     from qponder_jax.rewards.parse import FORMAT_PATTERN
 
     assert RESPONSE_PATTERN == FORMAT_PATTERN
+
+
+def test_every_image_missing_is_one_clear_error(tmp_path):
+    """A JSONL whose images are all missing (e.g. moved) stops at once, naming the file (was: '0 records cannot fill
+    one global batch' after the model was built); qponder prints DataError as one line."""
+    from qponder_jax import main as qmain
+
+    path = tmp_path / "cold.jsonl"
+    path.write_text("\n".join(_line(RESPONSE, image=f"moved/{i}.png") for i in range(3)) + "\n")
+    with pytest.raises(DataError, match=r"cold\.jsonl: every one of its 3 records was skipped \(first: .*moved/0\.png"):
+        ColdStartSource(path)
+    assert DataError in qmain._user_errors()
