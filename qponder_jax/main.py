@@ -153,7 +153,8 @@ def _write_config(config, workdir: Path) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a one-line error for a `--config.<key>` override that names no config field."""
+    """absl's flag parsing, with one-line errors for a bad flag, a config file that cannot be loaded (missing, or an
+    unknown variant) and a `--config.<key>` override that names no config field."""
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # app.parse_flags_with_usage would print it with get_config's whole traceback

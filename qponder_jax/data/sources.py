@@ -14,6 +14,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from etils import epath
+
 from qponder_jax.data.datasets import SyntheticIQA
 from qponder_jax.errors import ConfigError
 
@@ -45,11 +47,12 @@ def check_spec(spec: str, data: Mapping) -> None:
             f"dataset {spec!r} needs config field data.data_dir: the tfds folder where "
             f"`python -m qponder_jax.data.datasets build {name} ...` wrote it"
         )
-    if not Path(data_dir).is_dir():
+    root = epath.Path(data_dir)  # a local folder or a bucket (gs://...), as tfds reads it
+    if not root.is_dir():
         raise ConfigError(f"dataset {spec!r}: config field data.data_dir={data_dir!r} is not a folder")
-    builder = datasets.get_builder(name, data_dir) if (Path(data_dir) / name).is_dir() else None
+    builder = datasets.get_builder(name, data_dir) if (root / name).is_dir() else None
     if builder is None or not builder.is_prepared():
-        there = sorted(p.name for p in Path(data_dir).iterdir() if p.is_dir() and p.name in datasets.BUILDERS)
+        there = sorted(p.name for p in root.iterdir() if p.name in datasets.BUILDERS and p.is_dir())
         raise ConfigError(
             f"dataset {spec!r} is not built in data.data_dir={data_dir!r} (it holds {there or 'no dataset'}); build "
             f"it with `python -m qponder_jax.data.datasets build {name} --manual_dir=<its release> "
