@@ -54,7 +54,7 @@ def cold_start_data(*, source: str = "synthetic", batch_size: int = 8) -> ml_col
     c.truncation = False  # cut examples longer than the largest token bucket instead of raising
     c.seed = 0  # shuffling seed
     c.worker_count = 0  # grain worker processes for decoding and tokenizing (0 = in the main process)
-    c.strict_images = False  # raise on a missing or corrupt image instead of skipping and counting it
+    c.strict_images = False  # raise on a missing or corrupt image or a malformed JSONL response instead of skipping
     return c
 
 

@@ -8,7 +8,9 @@ The checkpoint is restored sharded over the mesh (parameters only) and written o
 holds the whole model. The architecture and tokenizer come from the run's base model (its config.json `model`
 section, or model.model_path). Pass a training workdir in `checkpoint`, and a separate --workdir for the export
 (qponder writes the export config into --workdir). The model card (README.md) carries the run's training config and
-the newest eval report found under the training workdir.
+the newest eval report found under the training workdir. The export is written beside `out_dir` and renamed into
+place, so the folder holds exactly the model just exported; a non-empty `out_dir` that is not an earlier export is
+refused unless --config.overwrite=True.
 """
 
 import sys
@@ -31,7 +33,8 @@ def get_config(arg: str | None = None):
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor') the checkpoint is restored onto
     config.checkpoint = ""  # the training workdir (holding checkpoints/) to export ("" = --workdir itself)
     config.step = -1  # checkpoint step to export (-1 = the latest)
-    config.out_dir = ""  # HF folder to write ("" = <workdir>/hf)
+    config.out_dir = ""  # HF folder to write ("" = <workdir>/hf); an earlier export there is replaced whole
+    config.overwrite = False  # also replace a non-empty out_dir that is not an earlier export (its files are deleted)
     config.dtype = "" if variant == "tiny" else "bfloat16"  # safetensors dtype: "" = the parameters' own
     config.max_shard_gb = 4.0  # largest safetensors shard, in GiB
     config.eval_report = ""  # eval report.json for the model card ("" = the newest <checkpoint>/*/report.json)

@@ -127,7 +127,7 @@ def resolve_model_dir(model_cfg: Mapping, workdir: str | Path) -> tuple[Path, Pa
     elif not path:
         raise ConfigError(
             "config field model.model_path is empty: this variant fine-tunes a real Qwen2.5-VL checkpoint. Pass "
-            "--config.model.model_path=/path/to/Qwen2.5-VL-7B-Instruct (a local Hugging Face folder), or "
+            "--config.model.model_path=/path/to/Qwen2.5-VL-<size>-Instruct (a local Hugging Face folder), or "
             f"{EMBEDDED_TINY!r} for the tiny random model"
         )
     else:
@@ -135,7 +135,7 @@ def resolve_model_dir(model_cfg: Mapping, workdir: str | Path) -> tuple[Path, Pa
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
                 f"config field model.model_path={path!r}: no Hugging Face Qwen2.5-VL folder there (config.json is "
-                "missing). Download the checkpoint (e.g. Qwen/Qwen2.5-VL-7B-Instruct) to a local folder and pass "
+                "missing). Download the checkpoint (e.g. Qwen/Qwen2.5-VL-3B-Instruct) to a local folder and pass "
                 "--config.model.model_path=/path/to/it"
             )
     tok = model_cfg["tokenizer_path"]

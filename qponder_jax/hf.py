@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
 import shutil
 from collections import Counter
@@ -217,6 +218,13 @@ def _gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def _file_mode() -> int:
+    """The mode a newly created file gets under the current umask (0o644 under the usual 0o022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_hf(
     model: Qwen25VL,
     config: Qwen25VLConfig,
@@ -231,8 +239,10 @@ def save_hf(
     tokenizer/processor files found in `tokenizer_dir`.
 
     Tensors are written in `dtype` when given, else in the dtype and key layout `load_hf` read them with (so a
-    load/save round trip is bit-identical), else in the parameters' dtype. Every process must call this (tensors are
-    gathered collectively); only process 0 writes.
+    load/save round trip is bit-identical), else in the parameters' dtype. Weight files of an earlier save in the same
+    folder (a single file next to new shards, or shards and their index next to a new single file) are removed, so
+    the folder holds exactly this model's weights. Every process must call this (tensors are gathered collectively);
+    only process 0 writes.
     """
     folder = Path(path)
     meta: HFMeta | None = getattr(model, "hf_meta", None)
@@ -273,12 +283,17 @@ def save_hf(
             total += tensors[key].nbytes
         if writer:
             save_file(tensors, folder / name, metadata={"format": "pt"})
+            os.chmod(folder / name, _file_mode())  # safetensors creates its files 0600; the rest get the umask's
         del tensors
     if not writer:
         return
     if len(shards) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    written = set(weight_map.values()) | ({INDEX_FILE} if len(shards) > 1 else set())
+    for stale in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+        if stale.is_file() and stale.name not in written:
+            stale.unlink()  # transformers would read a stale model.safetensors first, load_hf a stale index
 
     codes = Counter(_DTYPE_CODES[e[3]] for e in entries).most_common(1)[0][0]
     hf_config = config.to_hf_dict()

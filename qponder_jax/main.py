@@ -9,6 +9,7 @@ in `config.job`; `JOBS` maps job names to `"module:function"` strings, imported 
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import os
@@ -46,7 +47,11 @@ def register_job(name: str, fn: str | JobFn) -> None:
 def get_job(name: str) -> JobFn:
     """The job function for `name`; raises with the known names or the import problem."""
     if name not in JOBS:
-        raise ValueError(f"config field job={name!r}: unknown job; known jobs: {sorted(JOBS)}")
+        from qponder_jax.errors import ConfigError
+
+        close = difflib.get_close_matches(str(name), list(JOBS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config field job={name!r}: unknown job{hint}; known jobs: {sorted(JOBS)}")
     target = JOBS[name]
     if callable(target):
         return target
@@ -71,7 +76,11 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config=configs/qponder_ci.py:tiny")
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
-    if "job" not in config:
+    try:
+        has_job = "job" in config
+    except OSError as e:  # config_flags defers a config file that cannot be loaded until it is used
+        raise SystemExit(f"qponder: error: {_config_error(e)}") from None
+    if not has_job:
         raise app.UsageError(f"config {_CONFIG.config_filename} has no `job` field")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax and grain log every save at INFO; ask with --verbosity=0
@@ -81,7 +90,7 @@ def main(argv: list[str]) -> None:
         distributed.check_consistent(config, workdir)
     except distributed.DistributedError as e:
         raise SystemExit(f"qponder: error: {e}") from e
-    job = get_job(config.job)
+    job = _validated_job(config, workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     try:
@@ -93,14 +102,37 @@ def main(argv: list[str]) -> None:
         print(f"qponder: preempted; checkpoint saved in {workdir}. Rerun the same command to resume.", flush=True)
 
 
+def _validated_job(config, workdir: Path) -> JobFn:
+    """The config's job, once `validation.check_config` passed: a config that cannot run stops here with one line
+    naming the field, before any model or data is built."""
+    from qponder_jax import validation
+    from qponder_jax.errors import ConfigError
+
+    try:
+        job = get_job(config.job)
+        validation.check_config(config, workdir)
+    except ConfigError as e:
+        raise SystemExit(f"qponder: error: {e}") from None
+    return job
+
+
+def _config_error(error: BaseException) -> str:
+    """A config file that cannot be loaded (missing, or its get_config raised), as one line naming --config."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [str(error)]
+    if isinstance(error, OSError):
+        return f"--config: cannot load the config file ({lines[-1]})"  # e.g. "[Errno 2] No such file ...: 'x.py'"
+    flag = lines[0].split(": Error whilst", 1)[0].removeprefix("flag ")  # "--config=<file>:<variant>"
+    return f"{flag}: {lines[-1].split(': ', 1)[-1]}"  # the exception line that ends get_config's traceback
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Errors whose message says what to fix (a missing path, a workdir of another model, a diverged run): printed
     as one line with exit status 1, without a traceback."""
-    from qponder_jax.errors import ConfigError
+    from qponder_jax.errors import ConfigError, DataError
     from qponder_jax.train.loop import NonFiniteError
     from qponder_jax.train.state import CheckpointMismatchError
 
-    return (ConfigError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
+    return (ConfigError, DataError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
 
 
 def _write_config(config, workdir: Path) -> None:
@@ -121,9 +153,15 @@ def _write_config(config, workdir: Path) -> None:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with a one-line error for a `--config.<key>` override that names no config field."""
+    """absl's flag parsing, with one-line errors for a bad flag, a config file that cannot be loaded (missing, or an
+    unknown variant) and a `--config.<key>` override that names no config field."""
     try:
-        return app.parse_flags_with_usage(argv)
+        return flags.FLAGS(argv)
+    except flags.Error as e:  # app.parse_flags_with_usage would print it with get_config's whole traceback
+        message = _config_error(e) if "parsing config file" in str(e) else " ".join(str(e).split())
+        raise SystemExit(f"qponder: error: {message}") from None
+    except OSError as e:  # an override of a config file that could not be loaded
+        raise SystemExit(f"qponder: error: {_config_error(e)}") from None
     except (AttributeError, KeyError) as e:  # raised by the locked ConfigDict for an unknown key
         while e.args and isinstance(e.args[0], BaseException):  # ml_collections wraps a KeyError in an AttributeError
             e = e.args[0]

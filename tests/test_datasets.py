@@ -280,3 +280,15 @@ def test_load_image_errors_name_the_path(tmp_path):
     (tmp_path / "truncated.png").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
     with pytest.raises(ImageError, match="truncated.png"):
         load_image(tmp_path / "truncated.png")
+
+
+def test_bad_image_reasons_carry_no_buffer_address(tmp_path):
+    """Pillow names the in-memory buffer it read (`<_io.BytesIO object at 0x...>`); skip reasons must not."""
+    (tmp_path / "junk.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    with pytest.raises(ImageError) as load_error:
+        load_image(tmp_path / "junk.jpg")
+    with pytest.raises(ValueError) as decode_error:
+        decode_image(b"\xff\xd8 this is not a jpeg")
+    for message in (str(load_error.value), str(decode_error.value)):
+        assert "BytesIO" not in message and " at 0x" not in message, message
+        assert "corrupt or unsupported image (UnidentifiedImageError: no known image format)" in message

@@ -149,3 +149,54 @@ def test_bad_checkpoints_fail_clearly(trained, tmp_path):
         loading.base_folders(bare, {"model_path": "", **_model_cfg()})
     shutil.copytree(run_dir / "tiny_model", bare / "tiny_model")
     assert loading.base_folders(bare, {"model_path": "", **_model_cfg()})[0] == bare / "tiny_model"
+
+
+def _weights(folder):
+    return sorted(p.name for p in folder.glob("model*.safetensors*"))
+
+
+def test_export_into_an_earlier_export_leaves_exactly_the_new_model(trained, tmp_path, monkeypatch):
+    """Single file, then shards, then a single file again into one out_dir: each time only the new weights remain,
+    load_hf reads them, and every file has the same mode. A foreign folder is refused; a crash changes nothing."""
+    from qponder_jax import hf
+    from qponder_jax.errors import ConfigError
+
+    run_dir, _, params, _ = trained
+    out = tmp_path / "hf"
+    kw = dict(model_cfg={"model_path": "", **_model_cfg()}, mesh=make_mesh((1, 1, 1)))
+    export.export_checkpoint(run_dir, out, **kw)
+    assert _weights(out) == ["model.safetensors"]
+    export.export_checkpoint(run_dir, out, max_shard_bytes=60_000, **kw)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert _weights(out) == sorted({*index["weight_map"].values(), "model.safetensors.index.json"})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # safetensors writes 0600; the json files get the umask's mode
+    model, _ = hf.load_hf(out)
+    kernel = np.asarray(model.language_model.layers[0].mlp.gate_proj.kernel[...])
+    trained_kernel = params["language_model"]["layers"][0]["mlp"]["gate_proj"]["kernel"]
+    np.testing.assert_array_equal(kernel, np.asarray(trained_kernel))  # the new weights, not a stale file's
+    export.export_checkpoint(run_dir, out, **kw)
+    assert _weights(out) == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]  # no .partial / .old left behind
+
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash(model, config, path, **_):  # dies after writing a weight file into the staging folder
+        (path / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(hf, "save_hf", crash)
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        export.export_checkpoint(run_dir, out, **kw)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    monkeypatch.undo()
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"out_dir=.*mine.* not an earlier qponder_jax export.*overwrite=True"):
+        export.export_checkpoint(run_dir, foreign, **kw)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
+    export.export_checkpoint(run_dir, foreign, overwrite=True, **kw)
+    assert loading.is_hf_folder(foreign) and not (foreign / "notes.txt").exists()

@@ -8,10 +8,13 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
+
+from etils import epath
 
 from qponder_jax.data.datasets import SyntheticIQA
 from qponder_jax.errors import ConfigError
@@ -21,11 +24,54 @@ log = logging.getLogger(__name__)
 SYNTHETIC_VQA = "synthetic_vqa"  # the generated VQA set: built into the workdir when data.data_dir lacks it
 
 
+def check_spec(spec: str, data: Mapping) -> None:
+    """ConfigError naming the spec (and data.data_dir) unless "name:split" names a known dataset and split that
+    `open_source` can read: built in data.data_dir, except the generated synthetic sets. Reads only the build's
+    dataset_info.json."""
+    from qponder_jax.data import datasets
+    from qponder_jax.data.datasets.synthetic import SPLITS
+
+    name, _, split = spec.partition(":")
+    if name in ("synthetic", SYNTHETIC_VQA):  # generated: nothing to find on disk
+        allowed = [*SPLITS, "all"] if name == SYNTHETIC_VQA else list(SPLITS)
+        if split and split not in allowed:
+            raise ConfigError(f"dataset {spec!r}: unknown split {split!r}; the {name} set has {allowed}")
+        return
+    if name not in datasets.BUILDERS:
+        close = difflib.get_close_matches(name, [*datasets.BUILDERS, "synthetic"], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"dataset {spec!r}: unknown dataset {name!r}{hint}; known: {sorted(datasets.BUILDERS)}")
+    data_dir = str(data["data_dir"])
+    if not data_dir:
+        raise ConfigError(
+            f"dataset {spec!r} needs config field data.data_dir: the tfds folder where "
+            f"`python -m qponder_jax.data.datasets build {name} ...` wrote it"
+        )
+    root = epath.Path(data_dir)  # a local folder or a bucket (gs://...), as tfds reads it
+    if not root.is_dir():
+        raise ConfigError(f"dataset {spec!r}: config field data.data_dir={data_dir!r} is not a folder")
+    builder = datasets.get_builder(name, data_dir) if (root / name).is_dir() else None
+    if builder is None or not builder.is_prepared():
+        there = sorted(p.name for p in root.iterdir() if p.name in datasets.BUILDERS and p.is_dir())
+        raise ConfigError(
+            f"dataset {spec!r} is not built in data.data_dir={data_dir!r} (it holds {there or 'no dataset'}); build "
+            f"it with `python -m qponder_jax.data.datasets build {name} --manual_dir=<its release> "
+            f"--data_dir={data_dir}`"
+        )
+    splits = sorted(builder.info.splits)
+    if split and split != "all" and split not in splits:
+        close = difflib.get_close_matches(split, splits, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"dataset {spec!r}: {name} has no split {split!r}{hint}; it has {splits} (or 'all')")
+
+
 def open_source(spec: str, data: Mapping, *, workdir: str | Path | None = None):
     """A random-access source for "name:split" ("synthetic:test", "koniq10k:test", "csiq" = all of CSIQ, "lsvq:test").
-    "synthetic_vqa" missing from data.data_dir (or with no data_dir) is built into `<workdir>/data/tfds` first."""
+    "synthetic_vqa" missing from data.data_dir (or with no data_dir) is built into `<workdir>/data/tfds` first.
+    A spec that cannot be read raises ConfigError (`check_spec`)."""
     from qponder_jax.data import datasets
 
+    check_spec(spec, data)
     name, _, split = spec.partition(":")
     if name in datasets.VIDEO_DATASETS:
         return datasets.load(name, split or "all", data_dir=video_data_dir(name, data, workdir))

@@ -49,6 +49,8 @@ def make_mesh(shape: Sequence[int] = (1, 1, 1), devices: Sequence[jax.Device] | 
     shape = list(shape)
     if len(shape) != 3:
         raise ValueError(f"mesh shape must have 3 entries for {MESH_AXES}, got {tuple(shape)}")
+    if not all(isinstance(s, (int, np.integer)) and (s >= 1 or s == -1) for s in shape):
+        raise ValueError(f"mesh shape entries must be positive integers (or one -1), got {tuple(shape)}")
     if shape.count(-1) > 1:
         raise ValueError(f"at most one -1 in mesh shape, got {tuple(shape)}")
     if -1 in shape:

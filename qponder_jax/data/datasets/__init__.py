@@ -70,19 +70,21 @@ def build(
     *,
     strict: bool = False,
     max_short_side: int | None = None,
+    rebuild: bool = False,
 ):
-    """Builds dataset `name` from its official release in `manual_dir` into array_record files."""
+    """Builds dataset `name` from its official release in `manual_dir` into array_record files. An existing build is
+    reused when its source is unchanged, else SourceChangedError says what changed (`rebuild=True`: build it again)."""
     from qponder_jax.data.datasets.builder import prepare
 
     builder = get_builder(name, data_dir, strict=strict, max_short_side=max_short_side)
-    if name == "synthetic_iqa":
+    if name == "synthetic_iqa":  # generated from its config alone: nothing to go stale
         builder.download_and_prepare(file_format="array_record")
         return builder
     if name in VIDEO_DATASETS:
         from qponder_jax.data.datasets.videos import prepare_video_builder
 
-        return prepare_video_builder(builder, manual_dir)
-    return prepare(builder, manual_dir)
+        return prepare_video_builder(builder, manual_dir, rebuild=rebuild)
+    return prepare(builder, manual_dir, rebuild=rebuild)
 
 
 def load(name: str, split: str = "all", *, data_dir: str | Path, max_short_side: int | None = None):

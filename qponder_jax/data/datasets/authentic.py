@@ -19,6 +19,7 @@ from qponder_jax.data.datasets.common import (
     read_csv,
     read_xlsx,
 )
+from qponder_jax.data.datasets.provenance import note_read
 
 
 class Koniq10k(IQABuilder):
@@ -110,6 +111,7 @@ class LiveChallenge(IQABuilder):
 def _load_mat(path: Path, key: str) -> np.ndarray:
     import scipy.io
 
+    note_read(path)
     try:
         contents = scipy.io.loadmat(path)
     except Exception as e:

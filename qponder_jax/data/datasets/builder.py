@@ -15,7 +15,10 @@ never changes what a successful build writes. The build-time resize (`max_short_
 data, so it is a config: `IQAConfig(name="short512", max_short_side=512)`.
 
 Build metadata (`builder.info.metadata`, saved as metadata.json): the raw score min/max used for
-normalization, the score direction, the number of annotated images and the list of skipped images.
+normalization, the score direction, the number of annotated images, the list of skipped images, and what the build
+was made from (`provenance`: annotation files' hashes, the image list, the builder version and options). `prepare`
+reuses a build only when that source is unchanged; otherwise it stops and says what changed (`SourceChangedError`),
+or rebuilds with `rebuild=True`.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import abc
 import collections
 import dataclasses
 import inspect
+import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,10 @@ from qponder_jax.data.datasets.common import (
     normalize_scores,
 )
 from qponder_jax.data.datasets.images import ImageError, load_image
+from qponder_jax.data.datasets.provenance import SOURCE_KEY, recording_reads, source_changes, source_record
+from qponder_jax.errors import DataError
+
+log = logging.getLogger(__name__)
 
 ALL_SPLITS = "all"  # tfds' name for the union of all splits (reserved: no split may be called that)
 SINGLE_SPLIT = "test"  # the one split of a set without an official split (used whole for evaluation)
@@ -50,6 +59,10 @@ class IQAConfig(tfds.core.BuilderConfig):
 
     max_short_side: int = 0  # downscale images whose short side is larger than this (0 = keep the size)
     image_dir: str = ""  # look for images in this folder of manual_dir first ("" = the official layout)
+
+
+class SourceChangedError(DataError):
+    """A build exists in data_dir but its release (annotations, image list, builder version or options) changed."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,9 +129,14 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def read_annotations(self, root: Path) -> list[Annotation]:
         """All annotated images of the release under `root`, validated (ValueError naming file:line)."""
 
-    def _split_generators(self, dl_manager):
-        root = Path(dl_manager.manual_dir)
-        annotations = self.read_annotations(root)
+    STORES_PATHS = False  # records hold absolute file paths (videos): the release must stay where it was built from
+
+    def read_source(self, root: Path) -> tuple[list[Annotation], list[Path | None], dict]:
+        """(annotations, each one's file under `root` or None when missing, the provenance record) of the release in
+        `root`: annotations validated (ValueError naming file:line); no image is opened."""
+        root = Path(root)
+        with recording_reads() as annotation_files:
+            annotations = self.read_annotations(root)
         if not annotations:
             raise ValueError(f"{self.name}: no annotated images found under {root}")
         first_seen: dict[str, str] = {}
@@ -127,6 +145,29 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             if key in first_seen:
                 raise ValueError(f"{a.where}: duplicate image {a.paths[0]!r} (first at {first_seen[key]})")
             first_seen[key] = a.where
+        index = FileIndex(root)
+        image_dir = self.builder_config.image_dir
+        files = [
+            index.resolve(*((f"{image_dir}/{Path(a.paths[0]).name}",) if image_dir else ()), *a.paths)
+            for a in annotations
+        ]
+        base = {f.name for f in dataclasses.fields(tfds.core.BuilderConfig)}
+        config = self.builder_config
+        options = {"config": config.name, **{f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+                                             if f.name not in base}}  # fmt: skip
+        record = source_record(
+            builder=f"{self.name} {self.version}",
+            options=options,
+            root=index.root,
+            annotation_files=annotation_files,
+            media=[(a.paths[0], f) for a, f in zip(annotations, files)],
+            stores_paths=self.STORES_PATHS,
+        )
+        return annotations, files, record
+
+    def _split_generators(self, dl_manager):
+        root = Path(dl_manager.manual_dir)
+        annotations, files, source = self.read_source(root)
         mos, lo, hi = normalize_scores(np.array([a.score for a in annotations]), self.LOWER_IS_BETTER)
         self.skip_log = SkipLog(self.name, self.strict)
         self.info.metadata.update(
@@ -135,30 +176,26 @@ class IQABuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             lower_is_better=self.LOWER_IS_BETTER,
             num_annotations=len(annotations),
             skipped=self.skip_log.skipped,  # filled while generating; saved after
+            **{SOURCE_KEY: source},
         )
-        by_split: dict[str, list[tuple[Annotation, float]]] = collections.defaultdict(list)
-        for a, m in zip(annotations, mos):
-            by_split[a.split].append((a, float(m)))
-        index = FileIndex(root)
-        return {split: self._generate_examples(split, items, index) for split, items in by_split.items()}
+        by_split: dict[str, list[tuple[Annotation, float, Path | None]]] = collections.defaultdict(list)
+        for a, m, f in zip(annotations, mos, files):
+            by_split[a.split].append((a, float(m), f))
+        return {split: self._generate_examples(split, items, root) for split, items in by_split.items()}
 
-    def _generate_examples(self, split: str, items: list[tuple[Annotation, float]], index: FileIndex):
+    def _generate_examples(self, split: str, items: list[tuple[Annotation, float, Path | None]], root: Path):
         config: IQAConfig = self.builder_config
         written = 0
-        for a, mos in items:
-            paths = a.paths
-            if config.image_dir:
-                paths = (f"{config.image_dir}/{Path(a.paths[0]).name}",) + paths
-            path = index.resolve(*paths)
+        for a, mos, path in items:
             if path is None:
-                self.skip_log.skip(index.root / a.paths[0], f"missing image file (annotation {a.where})")
+                self.skip_log.skip(root / a.paths[0], f"missing image file (annotation {a.where})")
                 continue
             try:
                 image = load_image(path, config.max_short_side)
             except ImageError as e:
                 self.skip_log.skip(path, e.reason)
                 continue
-            name = path.relative_to(index.root).as_posix()
+            name = path.relative_to(root).as_posix()
             written += 1
             yield (
                 name,
@@ -232,14 +269,41 @@ def make_builder(
     return cls(data_dir=str(data_dir), config=config, strict=strict)
 
 
-def prepare(builder: IQABuilder, manual_dir: str | Path) -> IQABuilder:
-    """Builds the array_record files from the release in `manual_dir` (a no-op when already built)."""
+def prepare(builder: IQABuilder, manual_dir: str | Path, *, rebuild: bool = False) -> IQABuilder:
+    """Builds the array_record files from the release in `manual_dir`; returns the builder of the build.
+
+    An existing build is reused only when it was made from the same source (see `provenance`): a changed release
+    raises SourceChangedError saying what changed, and `rebuild=True` deletes the build and makes it again. A build
+    made before sources were recorded is reused with a warning. The skipped total is logged at the end.
+    """
     manual_dir = Path(manual_dir)
     if not manual_dir.is_dir():
         raise FileNotFoundError(f"{builder.name}: manual_dir {manual_dir} does not exist")
+    if builder.is_prepared():
+        recorded = builder.info.metadata.get(SOURCE_KEY)
+        if rebuild:
+            log.warning("%s: rebuilding %s", builder.name, builder.data_path)
+        elif recorded is None:
+            log.warning("%s: %s records no source (built by an older qponder_jax); reusing it unchecked, pass "
+                        "--rebuild to rebuild it", builder.name, builder.data_path)  # fmt: skip
+            return builder
+        else:
+            changes = source_changes(recorded, builder.read_source(manual_dir)[2])
+            if not changes:
+                return builder
+            raise SourceChangedError(
+                f"{builder.name}: the build in {builder.data_path} was made from another source ({'; '.join(changes)})"
+                f"; rebuild it (--rebuild, or datasets.build(..., rebuild=True)) or build into another data_dir"
+            )
+        shutil.rmtree(builder.data_path)
+        builder = type(builder)(data_dir=builder.data_dir_root, config=builder.builder_config, strict=builder.strict)
     builder.download_and_prepare(
         file_format="array_record", download_config=tfds.download.DownloadConfig(manual_dir=str(manual_dir))
     )
+    skipped = builder.info.metadata.get("skipped", [])
+    if skipped:
+        total = builder.info.metadata.get("num_annotations")
+        log.warning("%s: built, %d of %d annotated files skipped (listed above)", builder.name, len(skipped), total)
     return builder
 
 

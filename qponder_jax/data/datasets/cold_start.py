@@ -6,25 +6,34 @@ One JSON object per line:
 `image` is relative to the JSONL file's folder, or absolute. `mos` is the normalized MOS (1-5).
 `dataset`, `distortion_type`, `distortion_level` and `teacher_score` are optional.
 
-The reader checks every line up front: invalid JSON, a missing or mistyped field, or a NaN or
-out-of-range MOS raise ValueError naming the file and line. A missing or unreadable image is skipped,
-counted and logged with its path (or raises ImageError with `strict=True`).
+The reader checks every line up front: a line that is not UTF-8 or not JSON, a missing or mistyped field, or a NaN
+or out-of-range MOS raise DataError (a ValueError) naming the file and line (and the column, for JSON). A record
+whose response is empty or not `<think>...</think><answer>...</answer>` (the format the rewards score) would teach
+the student the wrong format: it is skipped and counted like a missing or unreadable image, or raises with
+`strict=True` (DataError for a response, ImageError for an image). A file whose every record is skipped raises
+DataError; otherwise the skipped total is logged once at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
 
 from qponder_jax.data.datasets.common import SkipLog
+from qponder_jax.errors import DataError
+
+log = logging.getLogger(__name__)
 
 _NUMBER = (int, float)
+RESPONSE_PATTERN = r"\s*<think>.*?</think>\s*<answer>.*?</answer>\s*"  # = rewards.parse.FORMAT_PATTERN (re.S)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,30 +54,39 @@ _OPTIONAL = {"dataset": str, "distortion_type": str, "distortion_level": int, "t
 
 def _parse_line(line: str, where: str, mos_range: tuple[float, float]) -> ColdStartRecord:
     try:
-        obj = json.loads(line)
+        obj = json.loads(line.rstrip())  # without the newline, an error at the end of the line keeps its column
     except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     fields = {}
     for key, kind in {**_REQUIRED, **_OPTIONAL}.items():
         if key not in obj or (key == "teacher_score" and obj[key] is None):
             if key in _REQUIRED:
-                raise ValueError(f"{where}: missing field {key!r}")
+                raise DataError(f"{where}: missing field {key!r}")
             continue
         value = obj[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise ValueError(f"{where}: field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+            raise DataError(f"{where}: field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
         fields[key] = value
     if not fields["image"]:
-        raise ValueError(f"{where}: field 'image' is empty")
+        raise DataError(f"{where}: field 'image' is empty")
     mos = float(fields["mos"])
     lo, hi = mos_range
     if math.isnan(mos) or not lo <= mos <= hi:
-        raise ValueError(f"{where}: mos {mos} is NaN or outside [{lo}, {hi}]")
+        raise DataError(f"{where}: mos {mos} is NaN or outside [{lo}, {hi}]")
     if "teacher_score" in fields and not math.isfinite(fields["teacher_score"]):
-        raise ValueError(f"{where}: teacher_score {fields['teacher_score']} is not finite")
+        raise DataError(f"{where}: teacher_score {fields['teacher_score']} is not finite")
     return ColdStartRecord(**fields)
+
+
+def _response_problem(response: str) -> str | None:
+    """None if the response has the trained format, else what is wrong with it."""
+    if not response.strip():
+        return "empty response" if not response else "response is only whitespace"
+    if not re.fullmatch(RESPONSE_PATTERN, response, re.S):
+        return "response is not <think>...</think><answer>...</answer>"
+    return None
 
 
 def _kind_name(kind) -> str:
@@ -116,12 +134,25 @@ class ColdStartSource:
         self.skip_log = SkipLog(f"cold_start({self.path})", strict)
         self.records: list[ColdStartRecord] = []
         self._image_paths: list[Path] = []
-        with open(self.path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        total = 0
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                where = f"{self.path}:{number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{where}: not UTF-8 text (byte {raw[e.start : e.start + 1]!r} at column "
+                                    f"{e.start + 1})") from None  # fmt: skip
                 if not line.strip():
                     continue
-                where = f"{self.path}:{number}"
+                total += 1
                 record = _parse_line(line, where, mos_range)
+                problem = _response_problem(record.response)
+                if problem is not None:
+                    if strict:
+                        raise DataError(f"{where}: {problem} (strict mode; without strict the record is skipped)")
+                    self.skip_log.skip(where, problem)
+                    continue
                 image_path = self.path.parent / record.image  # an absolute `image` replaces the folder
                 reason = _check_image(image_path, verify)
                 if reason is not None:
@@ -129,6 +160,13 @@ class ColdStartSource:
                     continue
                 self.records.append(record)
                 self._image_paths.append(image_path)
+        if total and not self.records:
+            first = self.skip_log.skipped[0]
+            raise DataError(
+                f"{self.path}: every one of its {total} records was skipped (first: {first['path']}: {first['reason']})"
+            )
+        if self.num_skipped:
+            log.warning("%s: skipped %d of %d records (listed above)", self.path, self.num_skipped, total)
 
     @property
     def num_skipped(self) -> int:

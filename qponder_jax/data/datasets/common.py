@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from qponder_jax.data.datasets.images import ImageError
+from qponder_jax.data.datasets.provenance import note_read
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ def read_csv(path: Path, required: Sequence[str], delimiter: str = ",") -> Itera
     """Yields ("file:line", row) for each data row, checking the header and every row's field count."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    note_read(path)
     with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f, delimiter=delimiter)
         header = next(reader, None)
@@ -120,6 +122,7 @@ def read_text_lines(path: Path, num_fields: int, separator: str | None) -> Itera
     """Yields ("file:line", fields) for each non-empty line with exactly `num_fields` fields."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    note_read(path)
     with open(path, encoding="utf-8-sig") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
@@ -138,6 +141,7 @@ def read_xlsx(
 
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
+    note_read(path)
     book = openpyxl.load_workbook(path, read_only=True, data_only=True)
     try:
         if sheet is not None and sheet not in book.sheetnames:

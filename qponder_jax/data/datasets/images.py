@@ -17,9 +17,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
@@ -74,10 +75,25 @@ def encode_png(image: Image.Image) -> bytes:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Encoded bytes from a record -> an 8-bit RGB PIL image."""
-    with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        return to_rgb8(ImageOps.exif_transpose(image))
+    """Encoded bytes from a record -> an 8-bit RGB PIL image; ValueError saying what is wrong if they do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb8(ImageOps.exif_transpose(image))
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
+        raise ValueError(pillow_reason(e)) from e
+
+
+_BUFFER_REPR = re.compile(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>")
+
+
+def pillow_reason(error: Exception) -> str:
+    """A Pillow exception as a skip reason, without the in-memory buffer's object address Pillow puts in messages."""
+    if isinstance(error, UnidentifiedImageError):
+        detail = "no known image format"
+    else:
+        detail = _BUFFER_REPR.sub("the image bytes", str(error))
+    return f"corrupt or unsupported image ({type(error).__name__}: {detail})"
 
 
 def _is_plain_rgb8(data: bytes, image_format: str | None) -> bool:
@@ -110,7 +126,7 @@ def load_image(path: str | os.PathLike, max_short_side: int = 0) -> StoredImage:
             rotated = _exif_orientation(original) > 1
             image = to_rgb8(ImageOps.exif_transpose(original) if rotated else original)
     except Exception as e:  # Pillow raises many types (OSError, SyntaxError, ValueError, ...)
-        raise ImageError(path, f"corrupt or unsupported image ({type(e).__name__}: {e})") from e
+        raise ImageError(path, pillow_reason(e)) from e
     orig_width, orig_height = image.size
     resized = False
     if max_short_side and min(image.size) > max_short_side:

@@ -70,23 +70,20 @@ class VQABuilder(IQABuilder, skip_registration=True):
             metadata=tfds.core.MetadataDict(),
         )
 
-    def _generate_examples(self, split: str, items: list[tuple[Annotation, float]], index: FileIndex):
-        config: IQAConfig = self.builder_config
+    STORES_PATHS = True  # records hold each video's absolute path
+
+    def _generate_examples(self, split: str, items: list[tuple[Annotation, float, Path | None]], root: Path):
         written = 0
-        for a, mos in items:
-            paths = a.paths
-            if config.image_dir:  # a folder of manual_dir holding every video, searched first
-                paths = (f"{config.image_dir}/{Path(a.paths[0]).name}",) + paths
-            path = index.resolve(*paths)
+        for a, mos, path in items:  # path: the video under root (config.image_dir searched first), None = missing
             if path is None:
-                self.skip_log.skip(index.root / a.paths[0], f"missing video file (annotation {a.where})")
+                self.skip_log.skip(root / a.paths[0], f"missing video file (annotation {a.where})")
                 continue
             try:
                 info = probe_video(path)
             except VideoError as e:
                 self.skip_log.skip(path, e.reason)
                 continue
-            name = path.relative_to(index.root).as_posix()
+            name = path.relative_to(root).as_posix()
             written += 1
             yield (
                 name,
@@ -293,13 +290,14 @@ class SyntheticVqa(VQABuilder):
         )  # fmt: skip
 
 
-def prepare_video_builder(builder: VQABuilder, manual_dir: str | Path | None) -> VQABuilder:
-    """Builds a VQA set; the synthetic set needs no manual_dir (it writes its clips under data_dir)."""
+def prepare_video_builder(builder: VQABuilder, manual_dir: str | Path | None, *, rebuild: bool = False) -> VQABuilder:
+    """Builds a VQA set (see `builder.prepare`); the synthetic set needs no manual_dir (it writes its clips under
+    data_dir)."""
     if isinstance(builder, SyntheticVqa):
-        return prepare(builder, builder.write_release(manual_dir))
+        return prepare(builder, builder.write_release(manual_dir), rebuild=rebuild)
     if manual_dir is None:
         raise FileNotFoundError(f"{builder.name}: needs manual_dir (the official release in its original layout)")
-    return prepare(builder, manual_dir)
+    return prepare(builder, manual_dir, rebuild=rebuild)
 
 
 class VideoSource(IQASource):
