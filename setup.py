@@ -57,5 +57,5 @@ setup(
     python_requires=">=3.11",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,
-    entry_points={"console_scripts": ["qponder=qponder_jax.main:run"]},
+    entry_points={"console_scripts": ["qponder=qponder_jax.main:run", "qponder-score=qponder_jax.score:main"]},
 )

@@ -44,6 +44,7 @@ def score(**overrides) -> ml_collections.ConfigDict:
     c.level_prefix = "The quality of the image is"  # level mode: assistant text before the scored level word
     c.level_token_policy = "first_token"  # level word of several tokens: score its "first_token", or raise ("single")
     c.seed = 0  # sampling seed of sample_mean
+    c.score_range = (1.0, 5.0)  # the prompt's scale: parsed scores outside it count as out of range, not in metrics
     c.update(overrides)
     return c
 

@@ -84,6 +84,7 @@ def grpo(**overrides) -> ml_collections.ConfigDict:
     c.advantage_eps = 1e-6  # added to the group std
     c.score_numbers = 1  # the score is the mean of the answer's first N numbers (PreResQ-R1: 5)
     c.max_numbers = 5  # numbers the on-device parser keeps from the answer (>= score_numbers)
+    c.score_range = (1.0, 5.0)  # the prompt's scale: parsed scores outside count in grpo/out_of_range_rate
     c.update(overrides)
     return c
 

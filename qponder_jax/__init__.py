@@ -12,3 +12,18 @@ def _drop_no_torch_advice(record: _logging.LogRecord) -> bool:
 
 
 _logging.getLogger("transformers").addFilter(_drop_no_torch_advice)
+
+_LAZY = {"Scorer": "qponder_jax.scorer", "ScoreResult": "qponder_jax.scorer"}  # imported on first use (jax is heavy)
+
+
+def __getattr__(name: str):
+    """`from qponder_jax import Scorer` without importing jax, the model or transformers at `import qponder_jax`."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'qponder_jax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

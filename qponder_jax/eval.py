@@ -5,12 +5,14 @@ checks.
     qponder --config=configs/eval.py:koniq_cross --workdir=runs/eval --config.checkpoint=runs/qponder_7b \
         --config.data.data_dir=/data/tfds
 
-The model is an HF folder or an orbax training workdir (`loading.load_checkpoint`). Score modes
-(`evaluation/scoring.py`): "greedy", "sample_mean" (mean over N samples at a temperature) and "level" (Q-Align level
-scoring, no decoding). Video records (the VQA sets) are decoded and sampled as `data.video` says and prompted with
-the clip, its key-frame crops and the text (`train.video_inputs`); an undecodable video or image is skipped and listed
-in the report (or raises with data.strict_images). Outputs in `<workdir>/<name>/`: report.json, table.md (also
-printed), predictions/<set>.jsonl (one line per image or video) and plots/<set>.png (predicted score against MOS).
+The model is an HF folder or an orbax training workdir (`loading.load_checkpoint`). Images are scored by the path the
+Scorer uses too (`evaluation/image_scoring.py`): "greedy", "sample_mean" (mean over N samples at a temperature) or
+"level" (Q-Align level scoring, no decoding). Video records (the VQA sets) are decoded and sampled as `data.video`
+says and prompted with the clip, its key-frame crops and the text (`train.video_inputs`); an undecodable video or
+image is skipped and listed in the report (or raises with data.strict_images). Outputs in `<workdir>/<name>/`:
+report.json, table.md (also printed), predictions/<set>.jsonl (one line per image or video) and plots/<set>.png
+(predicted score against MOS). Scores outside the prompt's scale are kept, flagged (`in_range`) and counted, and left
+out of the metrics like parse failures.
 Every metric in the report is recomputable from the predictions (`evaluation.report.metrics_from_predictions`).
 """
 
@@ -32,50 +34,23 @@ from qponder_jax.data.processing import Processor
 from qponder_jax.data.sources import open_source
 from qponder_jax.data.video import VideoError, VideoSampling, load_video_inputs
 from qponder_jax.errors import ConfigError
-from qponder_jax.evaluation import descriptions, scoring
+from qponder_jax.evaluation import descriptions, image_scoring
 from qponder_jax.evaluation import report as reporting
 from qponder_jax.loading import load_checkpoint, make_processor
 from qponder_jax.metrics import iqa_metrics
 from qponder_jax.model import sharding
 from qponder_jax.train import video_inputs
 
-MODES = ("greedy", "sample_mean", "level")
+MODES = image_scoring.MODES
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalSettings:
-    """How images are scored (the `score` section of configs/eval.py)."""
+class EvalSettings(image_scoring.ScoreSettings):
+    """How images are scored (the `score` section of configs/eval.py) and which records are read (`data`)."""
 
-    mode: str = "greedy"  # "greedy", "sample_mean" or "level"
-    prompt: str = "qponder"  # prompt name in prompts.PROMPTS (decoding modes)
-    prompt_text: str = ""  # a custom user prompt instead of `prompt`
-    max_new_tokens: int = 256
-    temperature: float = 1.0  # sample_mean only
-    top_k: int = 0
-    top_p: float = 1.0
-    num_samples: int = 8  # sample_mean only
-    num_ratings: int = 1  # numbers of the answer averaged into the score (5 for PreResQ-R1)
-    pad_with_first: bool = False  # fewer numbers than num_ratings: pad with the first (PreResQ-R1)
-    level_prompt: str = "How would you rate the quality of this image?"  # level mode's user prompt
-    level_prefix: str = "The quality of the image is"  # level mode's assistant text before the level word
-    level_token_policy: str = "first_token"  # multi-token level words: "first_token" or "single" (raise)
-    batch_size: int = 8
     max_images: int = 0  # per dataset; 0 = all
-    seed: int = 0
     strict_images: bool = False  # raise on an undecodable image or video instead of skipping and counting it
     video: VideoSampling | None = None  # how video records are sampled (config data.video; None = the defaults)
-
-    def __post_init__(self):
-        if self.mode not in MODES:
-            raise ConfigError(f"config field score.mode={self.mode!r}: choose one of {MODES}")
-        if self.mode == "sample_mean" and (self.temperature <= 0 or self.num_samples < 1):
-            raise ConfigError("score.mode='sample_mean' needs score.temperature > 0 and score.num_samples >= 1")
-        if self.batch_size < 1:
-            raise ConfigError(f"config field data.batch_size={self.batch_size} must be >= 1")
-
-    @property
-    def user_text(self) -> str:
-        return self.prompt_text or prompts.prompt_text(self.prompt)
 
     @classmethod
     def from_config(cls, score: Mapping, data: Mapping) -> EvalSettings:
@@ -112,17 +87,6 @@ def _records(source, settings: EvalSettings, spec: str):
             yield i, record, None
 
 
-def _batches(items, size: int):
-    batch = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 def _base_row(index: int, record: dict) -> dict:
     name_key = "video_name" if video_inputs.is_video_record(record) else "image_name"
     return {
@@ -135,90 +99,53 @@ def _base_row(index: int, record: dict) -> dict:
     }
 
 
-def _level_rows(model, proc: Processor, batch, good, level_ids, mesh) -> list[dict]:
-    scores, probs = scoring.level_score(scoring.answer_logits(model, batch, level_ids, mesh)[: len(good)])
-    return [
-        {**_base_row(i, record), "score": float(score), "level_probs": p.tolist()}
-        for (i, record, _), score, p in zip(good, scores, probs)
-    ]
-
-
-def _decoded_rows(generate_fn, model, proc: Processor, batch, good, settings: EvalSettings, rng):
-    """(rows, per-completion description checks, per-completion scores) of one batch scored by decoding."""
-    sampled = settings.mode == "sample_mean"
-    completions = scoring.generate_completions(
-        generate_fn,
-        model,
-        proc,
-        batch,
-        num_prompts=len(good),
-        max_new_tokens=settings.max_new_tokens,
-        temperature=settings.temperature if sampled else 0.0,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        num_samples=settings.num_samples if sampled else 1,
-        rng=rng if sampled else None,
-        num_ratings=settings.num_ratings,
-        pad_with_first=settings.pad_with_first,
+def _row(base: dict, result: image_scoring.ImageScore, mode: str) -> dict:
+    """One prediction line: the record's fields and its result."""
+    row = {**base, "score": result.score, "in_range": result.in_range}
+    if mode == "level":
+        return {**row, "level": result.level, "level_probs": list(result.level_probs)}
+    row.update(
+        response=result.response, format_ok=result.format_ok, level=result.level, answer_count=result.answer_count
     )
-    rows, checks, sample_scores = [], [], []
-    for (i, record, _), samples in zip(good, completions):
-        row = _base_row(i, record)
-        scores = np.asarray([c.score for c in samples], np.float64)
-        first = samples[0]
+    if mode == "sample_mean":
         row.update(
-            score=float(np.nanmean(scores)) if np.isfinite(scores).any() else float("nan"),
-            response=first.text,
-            format_ok=first.format_ok,
-            level=descriptions.level_word(first.level),
-            answer_count=first.count,
+            sample_scores=[c.score for c in result.samples],
+            sample_in_range=[c.in_range for c in result.samples],
+            responses=[c.text for c in result.samples],
         )
-        if sampled:
-            row.update(sample_scores=scores.tolist(), responses=[c.text for c in samples])
-        rows.append(row)
-        sample_scores += scores.tolist()
-        checks += [
-            descriptions.check_response(c.text, row["dataset"], row["distortion_type"], c.score, c.level)
-            for c in samples
-        ]
-    return rows, checks, sample_scores
+    return row
 
 
 def evaluate_source(
     model, proc: Processor, source, spec: str, settings: EvalSettings, *, mesh, generate_fn=None, seed_offset: int = 0
 ) -> tuple[list[dict], dict]:
-    """Scores one dataset: (one prediction row per image, a summary with metrics and description checks)."""
-    from qponder_jax import sampling
+    """Scores one dataset through the shared scoring path (`evaluation.image_scoring`): (one prediction row per
+    image, in dataset order; a summary with metrics and description checks)."""
+    scorer = image_scoring.BatchScorer(
+        model, proc, settings, mesh=mesh, generate_fn=generate_fn, seed_offset=seed_offset
+    )
+    bases, skipped = {}, []
 
-    generate_fn = generate_fn or sampling.generate
-    level = settings.mode == "level"
-    rows, checks, skipped, sample_scores = [], [], [], []
-    level_ids = level_info = prefix_ids = None
-    if level:
-        level_ids, level_info = scoring.level_token_ids(
-            proc.tokenizer, settings.level_prefix, policy=settings.level_token_policy
-        )
-        prefix_ids = proc.tokenizer.encode(settings.level_prefix, add_special_tokens=False)
-    text = settings.level_prompt if level else settings.user_text
-    key = jax.random.fold_in(jax.random.key(settings.seed), seed_offset)
-    for batch_index, items in enumerate(_batches(_records(source, settings, spec), settings.batch_size)):
-        good = [(i, r, inputs) for i, r, inputs in items if inputs is not None]
-        skipped += [_skipped_row(i, r) for i, r, inputs in items if inputs is None]
-        if not good:
-            continue
-        examples = [_encode(proc, text, record, inputs, f"{spec}[{i}]") for i, record, inputs in good]
-        if level:  # the answer prefix follows the assistant header; the level word would come next
-            examples = [scoring.append_tokens(ex, prefix_ids) for ex in examples]
-        batch = proc.collate(examples, padding_side="left", batch_size=settings.batch_size)
-        if level:
-            rows += _level_rows(model, proc, batch, good, level_ids, mesh)
-            continue
-        rng = jax.random.fold_in(key, batch_index)
-        batch_rows, batch_checks, batch_scores = _decoded_rows(generate_fn, model, proc, batch, good, settings, rng)
-        rows += batch_rows
-        checks += batch_checks
-        sample_scores += batch_scores
-    return rows, _summarize(rows, checks, sample_scores, skipped, settings, level_info)
+    def prompts_of():
+        for i, record, inputs in _records(source, settings, spec):
+            if inputs is None:
+                skipped.append(_skipped_row(i, record))
+                continue
+            bases[i] = _base_row(i, record)
+            yield i, scorer.finish(_encode(proc, scorer.user_text, record, inputs, f"{spec}[{i}]"))
+
+    results = dict(scorer.score_stream(prompts_of()))
+    rows = [_row(bases[i], results[i], settings.mode) for i in sorted(results)]
+    checks, sample_scores = [], []
+    if settings.mode != "level":
+        for i in sorted(results):
+            base, samples = bases[i], results[i].samples
+            sample_scores += [c.score for c in samples]
+            checks += [
+                descriptions.check_response(c.text, base["dataset"], base["distortion_type"], c.score, c.level)
+                for c in samples
+            ]
+    return rows, _summarize(rows, checks, sample_scores, skipped, settings, scorer.level_info)
 
 
 def _encode(proc: Processor, text: str, record: dict, inputs, example_id: str):
@@ -237,7 +164,7 @@ def _skipped_row(index: int, record: dict) -> dict:
 
 def _summarize(rows, checks, sample_scores, skipped, settings: EvalSettings, level_info) -> dict:
     pred, mos = reporting.score_arrays(rows) if rows else (np.zeros(0), np.zeros(0))
-    summary: dict[str, Any] = iqa_metrics(pred, mos).as_dict() if rows else {}
+    summary: dict[str, Any] = iqa_metrics(pred, mos, reporting.in_range_array(rows)).as_dict() if rows else {}
     summary["images"] = len(rows)  # records scored (images or videos)
     summary["skipped_images"] = skipped  # undecodable records (images or videos), not scored
     if settings.mode == "level":
@@ -276,8 +203,11 @@ def evaluate(
             stem = reporting.file_stem(spec)
             reporting.write_predictions(out / "predictions" / f"{stem}.jsonl", rows)
             pred, mos = reporting.score_arrays(rows) if rows else (np.zeros(0), np.zeros(0))
-            reporting.scatter_plot(out / "plots" / f"{stem}.png", pred, mos, title=f"{title}: {spec}")
-        logging.info("%s: %s", spec, {k: summary.get(k) for k in ("srcc", "plcc", "parse_failure_rate", "images")})
+            in_range = reporting.in_range_array(rows)
+            plot = out / "plots" / f"{stem}.png"
+            reporting.scatter_plot(plot, pred, mos, title=f"{title}: {spec}", in_range=in_range)
+        keys = ("srcc", "plcc", "parse_failure_rate", "out_of_range_rate", "images")
+        logging.info("%s: %s", spec, {k: summary.get(k) for k in keys})
     mode_note = {
         "greedy": "Scores: greedy decoding; the answer's number"
         + (f"s (the mean of the first {settings.num_ratings})." if settings.num_ratings > 1 else "."),

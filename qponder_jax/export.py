@@ -3,8 +3,9 @@
     export_checkpoint(run_dir, out_dir, model_cfg=config.model, mesh=mesh)  # orbax -> safetensors + configs + card
 
 The run is loaded with `loading.load_checkpoint` (parameters only, restored sharded over `mesh`). Export gathers
-one tensor at a time (`hf.save_hf`), writes the tokenizer / preprocessor / generation config of the base folder and
-a README.md model card with the run's training config and eval numbers when present.
+one tensor at a time (`hf.save_hf`), writes the tokenizer / preprocessor / generation config of the base folder, a
+README.md model card with the run's training config and eval numbers when present, and `qponder_scoring.json` (how
+the run prompted and scored the model, for `Scorer.from_pretrained`) when the run's config says.
 
 The folder always holds exactly one model. Everything is written into the sibling `<out_dir>.partial`, which then
 replaces `out_dir` by renaming (`_swap_in`): no stale weights of an earlier export survive next to the new ones, and
@@ -28,6 +29,7 @@ import numpy as np
 from qponder_jax.errors import ConfigError
 from qponder_jax.loading import CHECKPOINTS, LoadedModel, checkpoint_dir, load_checkpoint, read_run_config
 from qponder_jax.model import sharding
+from qponder_jax.scorer import write_scoring_record
 
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 EXPORT_MARK = "(qponder_jax export)"  # in the model card's title: marks a folder a later export may replace
@@ -162,8 +164,10 @@ def export_checkpoint(
         if writer:
             report_path = Path(eval_report) if eval_report else latest_eval_report(loaded.run_dir)
             report = json.loads(report_path.read_text()) if report_path and report_path.is_file() else None
-            card = model_card(loaded, run_config=read_run_config(loaded.run_dir), eval_report=report)
+            run_config = read_run_config(loaded.run_dir)
+            card = model_card(loaded, run_config=run_config, eval_report=report)
             (staging / "README.md").write_text(card, encoding="utf-8")
+            write_scoring_record(staging, run_config, source=f"{loaded.run_dir} (step {loaded.step})")  # for Scorer
             _swap_in(staging, out)
     finally:
         if writer:

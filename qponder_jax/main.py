@@ -30,6 +30,7 @@ JOBS: dict[str, str | JobFn] = {
     "eval": "qponder_jax.eval:run",  # IQA evaluation (configs/eval.py)
     "distill": "qponder_jax.distill:run",  # teacher -> cold-start JSONL (configs/distill.py)
     "export": "qponder_jax.export:run",  # checkpoint -> HF folder (configs/export.py)
+    "score": "qponder_jax.score:run",  # score image files, folders, manifests (configs/score.py; also qponder-score)
     "demo": "qponder_jax.demo:run",  # the whole pipeline at toy scale (configs/demo.py)
 }
 

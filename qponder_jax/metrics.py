@@ -6,6 +6,8 @@ Conventions (as DeQA-Score, VisualQuality-R1 and PreResQ-R1 report them):
   [max y, min y, mean x, std x / 4]; VisualQuality-R1 and PreResQ-R1 report raw PLCC. We report both.
 - Predictions that failed to parse (NaN) are excluded from the correlations and counted in
   `parse_failure_rate`; they are never replaced by a default score.
+- Predictions that parsed but lie outside the prompt's scale (`in_range` False, e.g. `<answer>4009</answer>` on a
+  1-5 scale) are excluded from the correlations and MAE as well, and counted in `out_of_range_rate`; never clipped.
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ class IQAMetrics:
     plcc_fitted: float  # Pearson after the 4-parameter logistic fit (DeQA-Score)
     krcc: float
     mae: float  # mean absolute error on the 1-5 scale
-    n: int  # predictions that parsed
-    parse_failure_rate: float
+    n: int  # predictions that parsed and lie in range (the ones the metrics use)
+    parse_failure_rate: float  # share of predictions that did not parse (NaN)
+    out_of_range_rate: float  # share of predictions that parsed outside the score range
 
     def as_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
@@ -57,15 +60,27 @@ def _corr(fn, a, b) -> float:
     return float(fn(a, b)[0])
 
 
-def iqa_metrics(pred, mos) -> IQAMetrics:
-    """All metrics for predicted scores against normalized MOS; NaN predictions count as parse failures."""
+def in_score_range(scores, score_range: tuple[float, float]) -> np.ndarray:
+    """[N] bool: each score lies within [lo, hi] (False for NaN)."""
+    lo, hi = score_range
+    scores = np.asarray(scores, np.float64)
+    return np.isfinite(scores) & (scores >= lo) & (scores <= hi)
+
+
+def iqa_metrics(pred, mos, in_range=None) -> IQAMetrics:
+    """All metrics for predicted scores against normalized MOS. NaN predictions count as parse failures; parsed ones
+    where `in_range` [N] (default: all True) is False count as out of range; neither enters a metric."""
     pred = np.asarray(pred, np.float64).reshape(-1)
     mos = np.asarray(mos, np.float64).reshape(-1)
     if pred.shape != mos.shape:
         raise ValueError(f"predictions {pred.shape} and MOS {mos.shape} differ in length")
     if not np.isfinite(mos).all():
         raise ValueError("MOS contains NaN or inf")
-    ok = np.isfinite(pred)
+    parsed = np.isfinite(pred)
+    in_range = np.ones(pred.shape, bool) if in_range is None else np.asarray(in_range, bool).reshape(-1)
+    if in_range.shape != pred.shape:
+        raise ValueError(f"in_range {in_range.shape} and predictions {pred.shape} differ in length")
+    ok = parsed & in_range
     p, m = pred[ok], mos[ok]
     plcc_fitted = float("nan")
     if len(p) >= 4 and np.ptp(p) > 0:
@@ -77,5 +92,6 @@ def iqa_metrics(pred, mos) -> IQAMetrics:
         krcc=_corr(stats.kendalltau, p, m),
         mae=float(np.mean(np.abs(p - m))) if len(p) else float("nan"),
         n=int(ok.sum()),
-        parse_failure_rate=float(1.0 - ok.mean()) if len(pred) else float("nan"),
+        parse_failure_rate=float(1.0 - parsed.mean()) if len(pred) else float("nan"),
+        out_of_range_rate=float((parsed & ~in_range).mean()) if len(pred) else float("nan"),
     )

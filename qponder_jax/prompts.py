@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 LEVELS = ("bad", "poor", "fair", "good", "excellent")  # level 1..5, Q-Align's five quality words
+SCORE_RANGE = (1.0, 5.0)  # the scale every scoring prompt below asks for; parsed scores outside it are out of range
 
 THINK_ANSWER_INSTRUCTION = (
     "First output the thinking process in <think> </think> tags and then output the final answer with only one "

@@ -151,3 +151,38 @@ def test_demo_quality_qponder_srcc_at_least_080_and_grpo_does_not_lower_it(demo_
     assert qp >= 0.80, results
     assert qp >= ci - 0.01, results  # GRPO does not lower the cold start's SRCC (0.01: greedy-decode ties)
     assert results["qponder"]["parse_failure_rate"] <= 0.05, results
+
+
+@pytest.mark.slow
+def test_the_exported_qponder_scores_the_test_pngs_as_the_eval_job_did(demo_run, tmp_path):
+    """Issue 24: the demo's export scores the test split's PNGs through `qponder-score` (a fresh process, one device)
+    and through `Scorer` (here, on 8 simulated devices) with the eval job's numbers and responses on the same images
+    (the eval stage read them from the `synthetic:test` records: the same bytes)."""
+    import csv
+
+    from qponder_jax import Scorer
+    from qponder_jax.scorer import SCORING_FILE
+
+    workdir = demo_run[0]
+    hf, folder = workdir / "7_export" / "hf", workdir / "2_data" / "test"
+    predictions = workdir / "6_eval" / "qponder" / "predictions" / "synthetic_test.jsonl"
+    evaluated = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert json.loads((hf / SCORING_FILE).read_text())["prompt_text"] == "Rate the quality of this image."
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = tmp_path / "preds.csv"
+    cmd = [sys.executable, "-m", "qponder_jax.score", "--model", str(hf), str(folder), "--out", str(out), "--strict"]
+    cli = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    assert f"{len(evaluated)} images scored" in cli.stdout and "parse failures 0 | out of range 0" in cli.stdout
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    results = Scorer.from_pretrained(hf)(sorted(folder.glob("*.png")))
+    assert len(rows) == len(results) == len(evaluated) == 128
+    for row, result, ev in zip(rows, results, evaluated, strict=True):
+        assert Path(row["image"]).name == Path(result.source).name == f"{ev['index']:06d}.png"
+        assert float(row["score"]) == result.score == ev["score"], (row, ev)
+        assert row["response"] == result.response == ev["response"]
+        assert row["in_range"] == "True" and result.in_range and ev["in_range"]
+    # the GRPO run's orbax workdir itself: the same model, prompted from the run's config.json
+    from_run = Scorer.from_pretrained(workdir / "5_grpo")(sorted(folder.glob("*.png"))[:16])
+    assert [(r.score, r.response) for r in from_run] == [(r.score, r.response) for r in results[:16]]

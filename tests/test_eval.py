@@ -294,3 +294,29 @@ def test_eval_on_a_built_dataset(tiny, tmp_path):
     assert np.isnan(summary["srcc"])  # constant predictions: undefined, reported as n/a
     with pytest.raises(ValueError, match="data.data_dir"):
         eval_job.open_source("kadid10k:test", {"data_dir": ""})
+
+
+def test_out_of_range_answers_are_flagged_and_left_out_of_the_metrics(tiny, tmp_path):
+    """Issue 23 item 3: `<answer>4009</answer>` parses, but lies outside the prompt's 1-5 scale: its prediction keeps
+    the number with in_range false, the table counts it in Out, and MAE / correlations leave it out (MAE was 365.5)."""
+    model, proc, mesh, _ = tiny
+    records = [_source()[j] for j in range(12)]
+    far = {3: "<think>good</think><answer>4009</answer>", 8: "<think>bad</think><answer>0.2</answer>"}
+    near = lambda j: f"<think>fine</think><answer>{records[j]['mos']:.2f}</answer>"
+    fake = Scripted(proc, lambda p, row, k: far.get(row) or near(row))
+    settings = eval_job.EvalSettings(mode="greedy", batch_size=4, max_new_tokens=48)
+    out = tmp_path / "eval"
+    eval_job.evaluate(model, proc, {"synthetic:test": _source()}, settings, out, mesh=mesh, generate_fn=fake)
+    path = out / "predictions/synthetic_test.jsonl"
+    rows = report.read_predictions(path)
+    assert [r["in_range"] for r in rows] == [j not in far for j in range(12)]
+    assert rows[3]["score"] == 4009.0 and rows[8]["score"] == pytest.approx(0.2)  # kept as written, never clipped
+    saved = json.loads((out / "report.json").read_text())["datasets"]["synthetic:test"]
+    assert saved["out_of_range_rate"] == pytest.approx(2 / 12) and saved["parse_failure_rate"] == 0 and saved["n"] == 10
+    kept = [j for j in range(12) if j not in far]
+    mae = np.mean([abs(round(records[j]["mos"], 2) - records[j]["mos"]) for j in kept])
+    assert saved["mae"] == pytest.approx(mae, abs=1e-6) and saved["mae"] < 0.01
+    for key, value in report.metrics_from_predictions(path).items():
+        assert saved[key] == pytest.approx(value, rel=1e-9), key
+    table = (out / "table.md").read_text()
+    assert "| Fail | Out |" in table and "| 0.0% | 16.7% | 10 |" in table

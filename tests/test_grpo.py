@@ -211,14 +211,70 @@ def test_host_metrics_correlate_group_means_with_mos():
         np.array([[4.0, 4.4], [np.nan, np.nan], [2.3, 2.5]]),
     ]
     for step in (1, 2):
-        host(step, {"scores": scores[step - 1], "mos": mos[step - 1], "sample_tokens": np.array([5, 6, 7]),
-                    "sample_mask": np.array([True, True, False]), "loss": float(step), "finite": True})  # fmt: skip
+        host(step, {"scores": scores[step - 1], "score_in_range": np.ones((3, 2), bool), "mos": mos[step - 1],
+                    "sample_tokens": np.array([5, 6, 7]), "sample_mask": np.array([True, True, False]),
+                    "loss": float(step), "finite": True})  # fmt: skip
     ((step, prefix, scalars),) = logger.records
     pred, target = np.array([1.5, 2.0, 2.9, 4.2, 2.4]), np.array([1.0, 2.0, 3.0, 4.0, 2.5])
     assert (step, prefix) == (2, "grpo") and scalars["loss"] == 1.5
     np.testing.assert_allclose(scalars["srcc"], 1.0)
     np.testing.assert_allclose(scalars["plcc"], np.corrcoef(pred, target)[0, 1], rtol=1e-9)
     assert logger.lines == ["grpo step 1 sample (MOS 1.00): '5 6'", "grpo step 2 sample (MOS 4.00): '5 6'"]
+
+
+OUT_OF_RANGE = [  # (completion, in range with score_numbers 1, with 2)
+    ("<think>good</think><answer>4009</answer>", False, False),
+    ("<think>good</think><answer>3.5</answer>", True, True),
+    ("<answer>none</answer>", False, False),  # a parse failure is not "in range" either
+    ("<answer>0.5</answer>", False, False),
+    ("<answer>5</answer>", True, True),  # the ends belong to the scale
+    ("<answer>1.00</answer>", True, True),
+    ("<answer>-2</answer>", False, False),
+    ("<answer>3 and 7</answer>", True, False),  # the second number counts only when the score uses it
+]
+
+
+def test_out_of_range_scores_are_flagged_in_the_jitted_step_path(proc):
+    """Issue 23 item 3: a parsed score outside the prompt's 1-5 scale (`<answer>4009</answer>`) is out of range;
+    `score_in_range` (what the rollout and its out_of_range_rate use) agrees with the regex reference."""
+    end, pad = _ids(proc)["im_end_id"], _ids(proc)["endoftext_id"]
+    rows = [proc.tokenizer(t, add_special_tokens=False)["input_ids"] + [end] for t, _, _ in OUT_OF_RANGE]
+    tokens = np.full((len(rows), 24), pad, np.int32)
+    mask = np.zeros(tokens.shape, bool)
+    for i, r in enumerate(rows):
+        tokens[i, : len(r)], mask[i, : len(r)] = r, True
+    parser = build_parser(proc.tokenizer, max_numbers=5, vocab_size=1024)
+    res = jax.jit(lambda p, t, m: p(t, m))(parser, tokens, mask)
+    for numbers, column in ((1, 1), (2, 2)):
+        got = jax.jit(grpo.score_in_range, static_argnums=(1, 2))(res, numbers, (1.0, 5.0))
+        assert np.asarray(got).tolist() == [row[column] for row in OUT_OF_RANGE], numbers
+        reference = []  # from the decoded text: the first `numbers` numbers (padded with the first), all in [1, 5]
+        for t, m in zip(tokens, mask):
+            p = parse_text(proc.decode(t[m], skip_special_tokens=True))
+            used = (p.numbers[:numbers] + p.numbers[:1] * numbers)[:numbers]
+            reference.append(p.count > 0 and all(1.0 <= x <= 5.0 for x in used))
+        assert np.asarray(got).tolist() == reference
+
+
+def test_host_metrics_leave_out_of_range_scores_out_of_the_correlations():
+    class Logger:
+        records = []
+
+        def write(self, step, scalars, prefix="train"):
+            self.records.append(scalars)
+
+        def text(self, line):
+            pass
+
+    logger = Logger()
+    host = grpo_job.HostMetrics(logger, None, log_every=1, sample_every=0, total_steps=1)
+    scores = np.array([[1.0, 4009.0], [2.0, 2.0], [3.0, 3.0], [4.5, 3.5]])  # 4009: parsed, out of range
+    in_range = np.array([[True, False], [True, True], [True, True], [True, True]])
+    host(1, {"scores": scores, "score_in_range": in_range, "mos": np.array([1.0, 2.0, 3.0, 4.0]),
+             "out_of_range_rate": 0.125, "finite": True})  # fmt: skip
+    (scalars,) = logger.records
+    np.testing.assert_allclose(scalars["plcc"], np.corrcoef([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])[0, 1])
+    assert scalars["srcc"] == pytest.approx(1.0) and scalars["out_of_range_rate"] == 0.125
 
 
 # ---- the step on a model that writes the format: cold-start SFT of the tiny model ----
@@ -425,4 +481,5 @@ def test_preresq_tiny_job_runs_out_of_the_box(tmp_path):
     (record,) = read_metrics(tmp_path, prefix="grpo")
     assert record["step"] == 2 and record["parse_failure_rate"] == 1.0  # a random model writes no score
     assert {"reward/preresq_mean", "reward/format_mean", "zero_std_fraction", "kl", "srcc"} <= set(record)
+    assert record["out_of_range_rate"] == 0.0  # nothing parsed: nothing out of range either
     assert (tmp_path / "checkpoints" / "2").is_dir()

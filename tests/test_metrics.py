@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qponder_jax.metrics import fit_logistic, iqa_metrics, logistic4
+from qponder_jax.metrics import fit_logistic, in_score_range, iqa_metrics, logistic4
 
 
 def test_metrics_equal_scipy_on_random_data():
@@ -30,6 +30,25 @@ def test_nan_predictions_are_failures_not_defaults():
     assert m.srcc == pytest.approx(1.0)
     with pytest.raises(ValueError, match="differ in length"):
         iqa_metrics(pred[:3], mos)
+
+
+def test_out_of_range_predictions_are_counted_and_left_out_of_every_metric():
+    """Issue 23 item 3: `<answer>4009</answer>` parsed on a 1-5 scale must not make the MAE 365.5."""
+    rng = np.random.default_rng(3)
+    mos = rng.uniform(1, 5, 11)
+    pred = mos + rng.normal(0, 0.3, 11)
+    pred[[2, 7]] = [4009.0, -1.0]  # parsed, outside the scale
+    pred[5] = np.nan  # did not parse
+    in_range = in_score_range(pred, (1.0, 5.0)) | np.isnan(pred)  # NaN rows: the parse failure rate's business
+    assert in_range.tolist() == [i not in (2, 7) for i in range(11)]
+    m = iqa_metrics(pred, mos, in_range)
+    keep = np.isfinite(pred) & in_range
+    assert m.n == 8 and m.parse_failure_rate == pytest.approx(1 / 11) and m.out_of_range_rate == pytest.approx(2 / 11)
+    assert m.mae == pytest.approx(np.mean(np.abs(pred[keep] - mos[keep])), abs=1e-12) and m.mae < 1
+    assert m.srcc == pytest.approx(stats.spearmanr(pred[keep], mos[keep])[0], abs=1e-12)
+    assert m.plcc == pytest.approx(stats.pearsonr(pred[keep], mos[keep])[0], abs=1e-12)
+    assert m.krcc == pytest.approx(stats.kendalltau(pred[keep], mos[keep])[0], abs=1e-12)
+    assert iqa_metrics(pred, mos).out_of_range_rate == 0.0  # without flags every parsed score counts as in range
 
 
 def test_logistic_fit_recovers_known_parameters():

@@ -1,7 +1,8 @@
 """Eval outputs: per-image predictions (JSONL), per-dataset metrics, the Markdown table, scatter plots, protocols.
 
 Every number in the report is recomputable from the predictions file: `metrics_from_predictions(path)` reads a
-JSONL written by `write_predictions` and gives the same metrics (`score: null` is a parse failure).
+JSONL written by `write_predictions` and gives the same metrics (`score: null` is a parse failure, `in_range: false`
+a score outside the prompt's scale).
 """
 
 from __future__ import annotations
@@ -45,7 +46,9 @@ PROTOCOLS: dict[str, tuple[tuple[str, ...], str]] = {
 METRIC_NOTE = (
     "SRCC, KRCC (tau-b) and PLCC are scipy's; PLCC_fit is Pearson after the 4-parameter logistic fit of DeQA-Score "
     "(VisualQuality-R1 and PreResQ-R1 report the raw PLCC). MOS normalized to 1-5 per dataset; MAE on that scale. "
-    "Predictions that did not parse are excluded from the correlations and counted in the parse-failure rate."
+    "Predictions that did not parse are excluded from the correlations and counted in the parse-failure rate (Fail); "
+    "scores outside the prompt's scale (e.g. 4009 on 1-5) are excluded from the correlations and MAE too, never "
+    "clipped, and counted in Out. N: the predictions the metrics use."
 )
 COLUMNS = (
     ("srcc", "SRCC"),
@@ -54,6 +57,7 @@ COLUMNS = (
     ("krcc", "KRCC"),
     ("mae", "MAE"),
     ("parse_failure_rate", "Fail"),
+    ("out_of_range_rate", "Out"),
     ("n", "N"),
     ("type_named_rate", "Type named"),
     ("level_agreement_rate", "Level agrees"),
@@ -116,10 +120,16 @@ def score_arrays(rows: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
     return pred, mos
 
 
+def in_range_array(rows: Sequence[dict]) -> np.ndarray:
+    """[N] bool: each row's score is within the prompt's scale (rows without the field count as in range)."""
+    return np.asarray([bool(r.get("in_range", True)) for r in rows], bool)
+
+
 def metrics_from_predictions(path: Path) -> dict:
     """The IQA metrics of a predictions JSONL (NaN where undefined)."""
-    pred, mos = score_arrays(read_predictions(path))
-    return iqa_metrics(pred, mos).as_dict()
+    rows = read_predictions(path)
+    pred, mos = score_arrays(rows)
+    return iqa_metrics(pred, mos, in_range_array(rows)).as_dict()
 
 
 def _cell(key: str, value) -> str:
@@ -127,7 +137,7 @@ def _cell(key: str, value) -> str:
         return "n/a"
     if key == "n":
         return str(int(value))
-    if key in ("parse_failure_rate", "type_named_rate", "level_agreement_rate"):
+    if key in ("parse_failure_rate", "out_of_range_rate", "type_named_rate", "level_agreement_rate"):
         return f"{100 * value:.1f}%"
     return f"{value:.4f}"
 
@@ -144,14 +154,16 @@ def markdown_table(results: dict[str, dict], *, title: str, notes: Sequence[str]
     return "\n".join(lines) + "\n"
 
 
-def scatter_plot(path: Path, pred: np.ndarray, mos: np.ndarray, *, title: str) -> None:
-    """A PNG scatter of predicted score (y) against MOS (x) with the y = x line; failures listed in the title."""
+def scatter_plot(path: Path, pred: np.ndarray, mos: np.ndarray, *, title: str, in_range=None) -> None:
+    """A PNG scatter of predicted score (y) against MOS (x) with the y = x line; failures and out-of-range scores
+    (not drawn) listed in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ok = np.isfinite(pred)
+    parsed = np.isfinite(pred)
+    ok = parsed & (True if in_range is None else np.asarray(in_range, bool))
     fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
     try:
         ax.scatter(mos[ok], pred[ok], s=10, alpha=0.6)
@@ -159,8 +171,8 @@ def scatter_plot(path: Path, pred: np.ndarray, mos: np.ndarray, *, title: str) -
         ax.set_xlim(0.8, 5.2)
         ax.set_xlabel("MOS (normalized, 1-5)")
         ax.set_ylabel("predicted score")
-        failed = int((~ok).sum())
-        ax.set_title(f"{title}\n{int(ok.sum())} scored, {failed} parse failures", fontsize=9)
+        failed, out = int((~parsed).sum()), int((parsed & ~ok).sum())
+        ax.set_title(f"{title}\n{int(ok.sum())} scored, {failed} parse failures, {out} out of range", fontsize=9)
         if not ok.any():
             ax.text(3, 3, "no parsed predictions", ha="center", va="center")
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,9 @@
   completions; each is decoded (`skip_special_tokens=True`) and parsed with `rewards.parse.parse_text`, the reference
   semantics of the on-device parser. The score of a completion is the mean of the first `num_ratings` numbers of its
   last `<answer>` block (padded with the first one when `pad_with_first`, PreResQ-R1's rule); NaN when that block
-  holds no number: a parse failure, never a default score. With several samples per image the image's score is the
-  mean over the samples that parsed; NaN when none did.
+  holds no number: a parse failure, never a default score. A completion is in range when every number its score
+  uses lies within the prompt's scale (`score_range`); a score outside is kept as written, never clipped, and
+  flagged. How completions become one image's score: `image_scoring.combine`.
 - **Level scoring (Q-Align).** The prompt, the assistant header and an answer prefix (e.g. "The quality of the image
   is") run through the model once; at the last position, softmax over the logits of the five level tokens
   (bad, poor, fair, good, excellent) dotted with [1, 2, 3, 4, 5]. See `level_token_ids` for the tokens.
@@ -70,7 +71,9 @@ def level_score(level_logits) -> tuple[np.ndarray, np.ndarray]:
     logits = np.asarray(level_logits, np.float64)
     probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
     probs /= probs.sum(axis=-1, keepdims=True)
-    return probs @ LEVEL_WEIGHTS.astype(np.float64), probs
+    # a row-wise sum, not `probs @ weights`: BLAS picks its kernel by the number of rows, and a score must not depend
+    # on how many images share its batch (its last bit did)
+    return (probs * LEVEL_WEIGHTS.astype(np.float64)).sum(axis=-1), probs
 
 
 def append_tokens(ex: Example, token_ids: Sequence[int]) -> Example:
@@ -120,6 +123,7 @@ class Completion:
     format_ok: bool
     level: int  # 1..5 bad..excellent from the reasoning, 0 = none
     count: int  # numbers in the last answer block
+    in_range: bool = True  # parsed, and every number the score uses lies within the score range
 
 
 def completion_score(numbers: Sequence[float], count: int, num_ratings: int, pad_with_first: bool) -> float:
@@ -133,15 +137,24 @@ def completion_score(numbers: Sequence[float], count: int, num_ratings: int, pad
 
 
 def parse_completions(
-    proc: Processor, tokens: np.ndarray, mask: np.ndarray, *, num_ratings: int = 1, pad_with_first: bool = False
+    proc: Processor,
+    tokens: np.ndarray,
+    mask: np.ndarray,
+    *,
+    num_ratings: int = 1,
+    pad_with_first: bool = False,
+    score_range: tuple[float, float] = prompts.SCORE_RANGE,
 ) -> list[Completion]:
     """Decodes and parses each row of tokens [N, L] under mask [N, L]."""
+    lo, hi = score_range
     out = []
     for row, keep in zip(np.asarray(tokens), np.asarray(mask, bool)):
         text = proc.tokenizer.decode(row[keep].astype(np.int64).tolist(), skip_special_tokens=True)
         parsed = parse_text(text, max_numbers=max(num_ratings, 1))
         score = completion_score(parsed.numbers, parsed.count, num_ratings, pad_with_first)
-        out.append(Completion(text, score, parsed.format_ok, parsed.level, parsed.count))
+        used = parsed.numbers[:num_ratings]
+        in_range = bool(used) and all(lo <= x <= hi for x in used)
+        out.append(Completion(text, score, parsed.format_ok, parsed.level, parsed.count, in_range))
     return out
 
 
@@ -167,6 +180,7 @@ def generate_completions(
     rng,
     num_ratings: int = 1,
     pad_with_first: bool = False,
+    score_range: tuple[float, float] = prompts.SCORE_RANGE,
 ) -> list[list[Completion]]:
     """`num_samples` parsed completions for each of the first `num_prompts` prompts of a left-padded batch."""
     out = generate_fn(
@@ -183,5 +197,6 @@ def generate_completions(
     )
     tokens, mask = to_host(out.tokens), to_host(out.mask)  # [B * num_samples, L]
     rows = num_prompts * num_samples
-    parsed = parse_completions(proc, tokens[:rows], mask[:rows], num_ratings=num_ratings, pad_with_first=pad_with_first)
+    kw = dict(num_ratings=num_ratings, pad_with_first=pad_with_first, score_range=score_range)
+    parsed = parse_completions(proc, tokens[:rows], mask[:rows], **kw)
     return [parsed[i * num_samples : (i + 1) * num_samples] for i in range(num_prompts)]

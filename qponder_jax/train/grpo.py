@@ -6,7 +6,9 @@
 - Rollouts: the sampler's prefill runs once per prompt and its KV cache is tiled G times; the decode loop samples
   G completions per prompt (rows b*G .. b*G+G-1 belong to prompt b). The PRNG key is the state's.
 - Scores: `rewards.parse` reads format, answer numbers and the reasoning level from the token ids; the score is the
-  mean of the first `score_numbers` numbers (NaN when none parsed: a parse failure, never a default score).
+  mean of the first `score_numbers` numbers (NaN when none parsed: a parse failure, never a default score). A parsed
+  score with a number outside `score_range` (the prompt's scale) is out of range: counted (`out_of_range_rate`) and
+  left out of the logged SRCC / PLCC; its rewards are the reward functions' own (e.g. no accuracy reward far off).
 - Rewards: each configured `RewardTerm` is looked up by name in `rewards.registry`; their weighted sum is [B, G].
 - Advantages: `rewards.advantages.group_advantages`, (r - mean_g) / (std_g + eps) with std none (Dr. GRPO),
   population or unbiased; groups whose rewards are all equal get 0 and are counted.
@@ -82,6 +84,7 @@ class GRPOSettings:
     rewards: tuple[RewardTerm, ...] = (RewardTerm("format"), RewardTerm("accuracy"))
     logprob_chunk: int = 8192  # vocab columns per step of the update's log-prob scan (no [N, L, V] logits)
     share_prompts: bool = True  # the update runs each prompt once per minibatch when M divides G (see the docstring)
+    score_range: tuple[float, float] = (1.0, 5.0)  # the prompt's scale; parsed scores outside count as out of range
 
     def __post_init__(self):
         if self.advantage_std not in STD_MODES:
@@ -139,6 +142,7 @@ class Rollouts:
     zero_std: jax.Array  # [B] bool; groups whose rewards are all equal
     parsed: jax.Array  # [N] bool
     format_ok: jax.Array  # [N] bool
+    in_range: jax.Array  # [N] bool; parsed, and every number of the score within score_range
 
 
 @flax.struct.dataclass
@@ -160,6 +164,12 @@ def score_rollouts(
     rewards = registry.compute_rewards(inputs, {t.name: dict(t.params) for t in settings.rewards})
     total = registry.combine_rewards(rewards, {t.name: t.weight for t in settings.rewards})
     return res, inputs.scores, rewards, total
+
+
+def score_in_range(res: parse_lib.ParseResult, score_numbers: int, score_range: tuple[float, float]) -> jax.Array:
+    """[N] bool: the answer parsed and each of the numbers its score uses lies within [lo, hi]."""
+    used = parse_lib.ratings(res, score_numbers, pad_with_first=True)  # [N, n]; NaN when nothing parsed
+    return res.parsed & jnp.all((used >= score_range[0]) & (used <= score_range[1]), axis=-1)
 
 
 def _sample(model, batch: Batch, rng: jax.Array, s: GRPOSettings) -> tuple[sampling.DecodeState, jax.Array]:
@@ -237,6 +247,7 @@ class GRPOStep:
         mask = _rows(mask)
         res, scores, rewards, total = score_rollouts(s, parser, tokens, mask, mos)
         advantages, zero_std = group_advantages(total, std=s.advantage_std, eps=s.advantage_eps)
+        in_range = score_in_range(res, s.score_numbers, s.score_range)
         return Rollouts(
             tokens=tokens,
             mask=mask,
@@ -248,6 +259,7 @@ class GRPOStep:
             zero_std=zero_std,
             parsed=res.parsed,
             format_ok=res.format_ok,
+            in_range=in_range,
         )
 
     def _completion_logp(self, params, mb: Minibatch, prompts: Batch) -> tuple[jax.Array, jax.Array]:
@@ -363,6 +375,7 @@ class GRPOStep:
             "reward_std": jnp.std(ro.total),
             "zero_std_fraction": jnp.mean(f32(ro.zero_std)),
             "parse_failure_rate": 1.0 - jnp.mean(f32(ro.parsed)),
+            "out_of_range_rate": jnp.mean(f32(ro.parsed & ~ro.in_range)),
             "format_rate": jnp.mean(f32(ro.format_ok)),
             "completion_length": jnp.mean(jnp.sum(f32(ro.mask), axis=-1)),
             "clip_fraction": jnp.mean(per_update["clip_fraction"]),
@@ -372,6 +385,7 @@ class GRPOStep:
             "advantage_abs_mean": jnp.mean(jnp.abs(ro.advantages)),
             # arrays for the host: correlations of group mean scores with MOS, and a decoded sample
             "scores": ro.scores,
+            "score_in_range": ro.in_range.reshape(ro.scores.shape),
             "mos": mos,
             "sample_tokens": ro.tokens[0],
             "sample_mask": ro.mask[0],

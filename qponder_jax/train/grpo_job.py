@@ -29,7 +29,7 @@ from qponder_jax.train.grpo import GRPOSettings, GRPOStep, RewardTerm, jit_grpo_
 from qponder_jax.train.grpo_loss import LossConfig
 from qponder_jax.train.logging import MetricLogger
 
-_HOST_ARRAYS = ("scores", "mos", "sample_tokens", "sample_mask")  # step outputs that are not scalars
+_HOST_ARRAYS = ("scores", "score_in_range", "mos", "sample_tokens", "sample_mask")  # step outputs that are not scalars
 
 
 def settings_from_config(config, *, stop_ids: tuple[int, ...], pad_id: int) -> GRPOSettings:
@@ -59,6 +59,7 @@ def settings_from_config(config, *, stop_ids: tuple[int, ...], pad_id: int) -> G
             num_iterations=int(g.num_iterations),
             num_minibatches=int(g.num_minibatches),
             share_prompts=bool(g.get("share_prompts", True)),
+            score_range=tuple(float(x) for x in g.get("score_range", (1.0, 5.0))),
             advantage_std=str(g.advantage_std),
             advantage_eps=float(g.advantage_eps),
             score_numbers=int(g.score_numbers),
@@ -103,8 +104,8 @@ def dataset_specs(data: Mapping) -> tuple[str, ...]:
 
 
 class HostMetrics:
-    """`after_step` hook: averages GRPO scalars over the logging window, SRCC / PLCC of each prompt's mean parsed
-    score against MOS over the window, and a decoded completion every `sample_every` steps."""
+    """`after_step` hook: averages GRPO scalars over the logging window, SRCC / PLCC of each prompt's mean parsed,
+    in-range score against MOS over the window, and a decoded completion every `sample_every` steps."""
 
     def __init__(self, logger: MetricLogger, processor, *, log_every: int, sample_every: int, total_steps: int):
         self.logger, self.processor = logger, processor
@@ -120,8 +121,9 @@ class HostMetrics:
     def __call__(self, step: int, metrics: dict) -> None:
         mos = np.asarray(metrics["mos"], np.float64)  # [B], the global batch's
         scores = np.asarray(metrics["scores"], np.float64)  # [B, G]
-        parsed = np.isfinite(scores)
-        group_mean = np.where(parsed.any(1), np.nansum(scores, 1) / np.maximum(parsed.sum(1), 1), np.nan)
+        valid = np.isfinite(scores) & np.asarray(metrics["score_in_range"], bool)  # out-of-range scores left out
+        total = np.where(valid, scores, 0.0).sum(1)
+        group_mean = np.where(valid.any(1), total / np.maximum(valid.sum(1), 1), np.nan)
         self.pred.append(group_mean)
         self.mos.append(mos)
         for k, v in metrics.items():
