@@ -27,14 +27,18 @@ POSITIVE = ("batch_size", "eval_batch_size", "total_steps", "grad_accum", "num_g
             "num_minibatches", "max_new_tokens", "num_samples", "keep_checkpoints")  # fmt: skip
 NON_NEGATIVE = ("warmup_steps", "log_every", "eval_every", "sample_every", "min_pixels", "max_pixels", "max_images",
                 "eval_max_batches", "worker_count", "max_consecutive_nonfinite")  # fmt: skip
+# Fields where 0 means "not set here: take the model's own" (per job), so 0 passes the POSITIVE check.
+UNSET_AS_ZERO = {"score": ("score.max_new_tokens",)}
 PATCH = 14  # ViT patch side in pixels
 MERGE = 2  # patches merged per side into one token: buckets hold whole 2x2 groups
 
 
 def check_config(config, workdir: str | os.PathLike) -> None:
     """Raises ConfigError for the first problem found (see the module docstring)."""
+    unset_ok = UNSET_AS_ZERO.get(config.get("job"), ())
     for path, value in _leaves(config):
-        _check_field(path, value)
+        if not (path in unset_ok and value == 0):
+            _check_field(path, value)
     for path, section in _sections(config):
         if "patch_buckets" in section and "video" not in section:
             _check_patch_buckets(path, section)

@@ -124,3 +124,17 @@ def test_cli_prints_one_line_and_builds_nothing(args, message, tmp_path):
     assert result.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith("qponder: error: ") and message in lines[0]
     assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [("qponder_ci", "tiny"), ("qponder", "tiny"), ("preresq", "tiny"), ("preresq", "vqa_tiny"), ("eval", "tiny"),
+     ("eval", "vqa_tiny"), ("distill", "tiny"), ("export", "tiny"), ("demo", None), ("demo", "test"),
+     ("demo", "smoke"), ("score", None)],
+)  # fmt: skip
+def test_the_configs_that_run_out_of_the_box_pass(name, variant, tmp_path):
+    """Validation never refuses a shipped config's own defaults (e.g. the score job's 0 = "the model's own")."""
+    import importlib
+
+    config = importlib.import_module(f"configs.{name}").get_config(variant)
+    validation.check_config(config, tmp_path / "w")
