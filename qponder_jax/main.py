@@ -20,6 +20,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qponder_jax import distributed  # registers --coordinator_address, --num_processes, --process_id
+from qponder_jax.errors import Preempted
 
 JobFn = Callable[[Any, Path], Any]
 
@@ -86,11 +87,13 @@ def main(argv: list[str]) -> None:
     _write_config(config, workdir)
     try:
         result = job(config, workdir)
+        if getattr(result, "status", None) == "preempted":
+            raise Preempted(f"preempted; checkpoint saved in {workdir}. Rerun the same command to resume.")
+    except Preempted as e:  # exit status EXIT_RESUME: a scheduler or launch/ reruns it, never records it as done
+        print(f"qponder: {e} (exit status {e.code})", flush=True)
+        raise
     except _user_errors() as e:  # evaluated only when an exception reaches it
         raise SystemExit(f"qponder: error: {e}") from e
-    status = getattr(result, "status", None)
-    if status == "preempted":
-        print(f"qponder: preempted; checkpoint saved in {workdir}. Rerun the same command to resume.", flush=True)
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
