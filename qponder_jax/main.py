@@ -97,13 +97,13 @@ def main(argv: list[str]) -> None:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what to fix (a missing path, a workdir of another model, a diverged run): printed
-    as one line with exit status 1, without a traceback."""
+    """Errors whose message says what to fix (a missing path, a workdir of another model, no checkpoint that restores,
+    a diverged run): printed as one line with exit status 1, without a traceback."""
     from qponder_jax.errors import ConfigError
     from qponder_jax.train.loop import NonFiniteError
-    from qponder_jax.train.state import CheckpointMismatchError
+    from qponder_jax.train.state import CheckpointMismatchError, CheckpointUnreadableError
 
-    return (ConfigError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
+    return (ConfigError, FileNotFoundError, CheckpointMismatchError, CheckpointUnreadableError, NonFiniteError)
 
 
 def _write_config(config, workdir: Path) -> None:
