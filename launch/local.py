@@ -7,7 +7,9 @@
 Process i gets QPONDER_COORDINATOR_ADDRESS=127.0.0.1:<port>, QPONDER_NUM_PROCESSES=N, QPONDER_PROCESS_ID=i (read by
 `qponder_jax.distributed`), JAX_PLATFORMS=cpu and XLA_FLAGS with `devices_per_process` simulated CPU devices; CPU
 collectives go over gloo. Output lines are prefixed `[pI]` and also written to `<log_dir>/process_I.log`. When one
-process fails, the others get `--grace` seconds and are then terminated; the exit status is the first failure's.
+process fails, the others get `--grace` seconds and are then terminated; the exit status is the first failure's, so a
+preempted run (status 75, `qponder_jax.errors.EXIT_RESUME`) exits with 75: resume later. A SIGTERM to this launcher is
+passed on to every process (each saves and exits with 75); if any of them then fails, the launcher exits with 75.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+EXIT_RESUME = 75  # a run that stopped early and resumes when rerun (= qponder_jax.errors.EXIT_RESUME)
 
 
 def free_port() -> int:
@@ -117,6 +121,15 @@ def run(
         pump.start()
         pumps.append(pump)
     status, failed_at = 0, None
+    terminated = []
+
+    def forward(signum, frame):  # a preemption notice for the whole run: every process saves and stops
+        terminated.append(signum)
+        for p in list(procs.values()):
+            p.send_signal(signum)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if in_main else None
     try:
         while procs:
             for i, p in list(procs.items()):
@@ -142,9 +155,12 @@ def run(
         for p in procs.values():
             p.terminate()
         raise
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
     for pump in pumps:
         pump.join(timeout=5)
-    return status
+    return EXIT_RESUME if terminated and status != 0 else status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

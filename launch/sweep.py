@@ -15,6 +15,12 @@ where <name> is derived from the overrides (`peak_lr=0.001`). A point is complet
 record at step `train.total_steps` and a finished orbax checkpoint at or past it (what the training loop leaves at the
 end); complete points are skipped, so re-running a half-done sweep runs only what is missing. Each launched workdir
 gets `sweep_point.json` (the overrides and the command) for `launch/collect.py`.
+
+A point that exits with status 75 (`qponder_jax.errors.EXIT_RESUME`: preempted after saving, or a peer that never
+joined) is "preempted", neither done nor failed: the sweep launches no further point and exits with 75 itself, so a
+scheduler reruns it and the rerun resumes that point. SIGTERM to the sweep is passed on to the running point (which
+saves and exits with 75) instead of killing the sweep and orphaning the point; the point counts as preempted and no
+further point starts. Exit status: 1 if a point failed, else 75 if one was preempted or not started, else 0.
 """
 
 from __future__ import annotations
@@ -26,14 +32,17 @@ import importlib.util
 import json
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 POINT_FILE = "sweep_point.json"
+EXIT_RESUME = 75  # a point that stopped early and resumes when rerun (= qponder_jax.errors.EXIT_RESUME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +148,28 @@ def is_complete(workdir: str | Path, total_steps: int | None) -> bool:
     return total_steps in steps and any(s >= total_steps for s in saved)
 
 
+def run_command(command: Sequence[str]) -> tuple[int, bool]:
+    """Runs one point's command to its end: (its exit status, whether this process got SIGTERM meanwhile). The
+    signal is passed on to the point (which saves and exits with EXIT_RESUME) rather than ending this process first."""
+    child = subprocess.Popen(list(command), cwd=ROOT)
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may take signals
+        return child.wait(), False
+    terminated = []
+
+    def forward(signum, frame):
+        terminated.append(signum)
+        child.send_signal(signum)
+
+    previous = signal.signal(signal.SIGTERM, forward)
+    try:
+        return child.wait(), bool(terminated)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def run_points(points: Sequence[Point], *, dry_run: bool = False, stop_on_failure: bool = False) -> dict[str, str]:
-    """Runs (or, dry, prints) the incomplete points one after another; returns name -> done/skipped/failed/planned."""
+    """Runs (or, dry, prints) the incomplete points one after another; returns name -> done/skipped/failed/planned/
+    preempted (after a preempted point, the later ones are not started)."""
     status = {}
     for i, p in enumerate(points):
         done = is_complete(p.workdir, p.total_steps)
@@ -156,8 +185,15 @@ def run_points(points: Sequence[Point], *, dry_run: bool = False, stop_on_failur
         p.workdir.mkdir(parents=True, exist_ok=True)
         record = {"name": p.name, "overrides": p.overrides, "command": p.command}
         (p.workdir / POINT_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n")
-        code = subprocess.call(p.command, cwd=ROOT)
-        status[p.name] = "done" if code == 0 else f"failed (exit {code})"
+        code, terminated = run_command(p.command)
+        if code == EXIT_RESUME or (terminated and code != 0):  # killed before it could save: resumes all the same
+            status[p.name] = "preempted"
+            print(f"  point {p.name} stopped early (exit {code}): rerun the sweep to resume it", flush=True)
+        else:
+            status[p.name] = "done" if code == 0 else f"failed (exit {code})"
+        if status[p.name] == "preempted" or terminated:  # the sweep itself is stopping: no further point
+            status.update({q.name: "not started" for q in points[i + 1 :]})
+            break
         if code != 0:
             print(f"  point {p.name} failed with exit status {code}", flush=True)
             if stop_on_failure:
@@ -181,8 +217,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
     points = expand(args.config, args.root, launcher=args.launcher, python=args.python, extra=extra)
-    status = run_points(points, dry_run=args.dry_run, stop_on_failure=args.stop_on_failure)
-    return 1 if any(s.startswith("failed") for s in status.values()) else 0
+    return exit_status(run_points(points, dry_run=args.dry_run, stop_on_failure=args.stop_on_failure))
+
+
+def exit_status(status: dict[str, str]) -> int:
+    """The sweep's exit status for `run_points`' result: 1 if a point failed, else EXIT_RESUME if a point was
+    preempted or not started, else 0."""
+    if any(s.startswith("failed") for s in status.values()):
+        return 1
+    return EXIT_RESUME if {"preempted", "not started"} & set(status.values()) else 0
 
 
 if __name__ == "__main__":

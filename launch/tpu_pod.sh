@@ -17,6 +17,8 @@
 #     python3 -m qponder_jax.main --config=configs/qponder.py:7b --workdir=gs://bucket/runs/qponder_7b
 # The workdir must be shared by all workers (a gs:// bucket or a shared file system): orbax writes checkpoints from
 # every worker; only worker 0 writes metrics, TensorBoard events and the HF export.
+# Exit status of `run`: 0 when every worker finished, 75 when they stopped early (preempted after saving, or a peer
+# never joined; rerun the same command to resume), 1 when a worker failed otherwise.
 set -euo pipefail
 
 TPU_NAME="${TPU_NAME:-qponder}"
@@ -29,9 +31,10 @@ REMOTE_DIR="${REMOTE_DIR:-~/qponder_jax}"
 LOG_DIR="${LOG_DIR:-runs/tpu_logs/${TPU_NAME}}"
 JAX_SPEC="${JAX_SPEC:-jax[tpu]==0.10.2}"
 DRY_RUN="${DRY_RUN:-0}"
+EXIT_RESUME=75  # qponder's exit status for "stopped early, rerun to resume" (qponder_jax.errors.EXIT_RESUME)
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 
 # Prints a command (shell-quoted); runs it unless dry.
 run_cmd() {
@@ -107,12 +110,22 @@ step_run() {
       pids+=("$!")
     fi
   done
+  local code preempted=0
   for i in "${!pids[@]}"; do
-    if ! wait "${pids[${i}]}"; then
-      echo "worker ${i} failed; see ${LOG_DIR}/worker_${i}.log" >&2
+    code=0
+    wait "${pids[${i}]}" || code=$?
+    if [[ "${code}" == "${EXIT_RESUME}" ]]; then
+      echo "worker ${i} stopped early (exit ${code}: preempted or a peer missing); see ${LOG_DIR}/worker_${i}.log" >&2
+      preempted=1
+    elif [[ "${code}" != 0 ]]; then
+      echo "worker ${i} failed (exit ${code}); see ${LOG_DIR}/worker_${i}.log" >&2
       status=1
     fi
   done
+  if [[ "${status}" == 0 && "${preempted}" == 1 ]]; then
+    echo "the run stopped early: rerun the same command to resume from its last checkpoint" >&2
+    status="${EXIT_RESUME}"
+  fi
   return "${status}"
 }
 

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qponder_jax.errors import Preempted
+
 DONE = "done.json"
 MODELS = (("random", "random model (untrained)"), ("qponder_ci", "Q-Ponder-CI (cold-start SFT)"),
           ("qponder", "Q-Ponder (SFT + GRPO)"))  # fmt: skip
@@ -65,8 +67,8 @@ def run_stages(config, workdir: Path, stages: list[Stage], *, say=print) -> tupl
         t0 = time.perf_counter()
         where.mkdir(parents=True, exist_ok=True)
         result = stage.fn(config, where, outputs)
-        if result.get("status") == "preempted":
-            raise SystemExit(f"demo: interrupted in stage {i + 1}; rerun the same command to resume from there")
+        if result.get("status") == "preempted":  # exit status EXIT_RESUME, as a preempted training job
+            raise Preempted(f"demo: interrupted in stage {i + 1}; rerun the same command to resume from there")
         result["seconds"] = round(time.perf_counter() - t0, 1)
         (where / (DONE + ".partial")).write_text(json.dumps(result, indent=2) + "\n")
         (where / (DONE + ".partial")).rename(where / DONE)

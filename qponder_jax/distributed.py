@@ -30,9 +30,9 @@ from typing import Any
 
 from absl import flags
 
-from qponder_jax.errors import ConfigError
+from qponder_jax.errors import EXIT_RESUME, ConfigError
 
-EXIT_TIMEOUT = 75  # exit status of a process whose peers did not join in time (EX_TEMPFAIL)
+EXIT_TIMEOUT = EXIT_RESUME  # exit status of a process whose peers did not join in time: rerun to try again
 DEFAULT_TIMEOUT_S = 300
 
 _COORDINATOR = flags.DEFINE_string(

@@ -31,7 +31,7 @@ from absl import logging
 from qponder_jax import prompts
 from qponder_jax.data.datasets import ImageError, decode_image
 from qponder_jax.data.processing import Processor
-from qponder_jax.data.sources import open_source
+from qponder_jax.data.sources import build_info, open_source
 from qponder_jax.data.video import VideoError, VideoSampling, load_video_inputs
 from qponder_jax.errors import ConfigError
 from qponder_jax.evaluation import descriptions, image_scoring
@@ -198,6 +198,7 @@ def evaluate(
         rows, summary = evaluate_source(
             model, proc, source, spec, settings, mesh=mesh, generate_fn=generate_fn, seed_offset=k
         )
+        summary["build_skipped"] = build_info(source)[1]  # files skipped when the dataset was built
         results[spec] = summary
         if writer:
             stem = reporting.file_stem(spec)
@@ -215,7 +216,10 @@ def evaluate(
         "level": f"Scores: Q-Align level scoring after {settings.level_prefix!r} (softmax over the five level tokens, "
         "dotted with 1..5).",
     }[settings.mode]
-    all_notes = (*notes, mode_note, reporting.METRIC_NOTE)
+    skipped = [
+        reporting.skipped_note(spec, r["build_skipped"], len(r["skipped_images"])) for spec, r in results.items()
+    ]
+    all_notes = (*notes, *filter(None, skipped), mode_note, reporting.METRIC_NOTE)
     if settings.mode != "level":
         all_notes += (
             "Type named: the reasoning names the image's distortion (synonym table, negations excluded; sets with "
@@ -258,7 +262,7 @@ def run(config, workdir: str | Path) -> dict:
     mesh = sharding.make_mesh(tuple(config.mesh))
     loaded = load_checkpoint(config.checkpoint, model_cfg=config.model, workdir=workdir, mesh=mesh, step=config.step)
     proc = make_processor(loaded.tokenizer_dir, config.data)
-    notes = (reporting.PROTOCOLS[config.protocol][1],) if config.protocol in reporting.PROTOCOLS else ()
+    notes = reporting.dataset_notes(config.protocol, {spec: build_info(src)[0] for spec, src in sources.items()})
     where = f"{config.checkpoint or loaded.base_dir}" + (f" (step {loaded.step})" if loaded.step is not None else "")
     info = {"checkpoint": where, "source": loaded.source, "step": loaded.step, "base": str(loaded.base_dir)}
     report = evaluate(

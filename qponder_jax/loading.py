@@ -103,8 +103,9 @@ def restore_params(
 ) -> tuple[dict, int]:
     """(params as a pure dict placed on their shardings over `mesh`, the step) from an orbax checkpoint folder.
 
-    The dtypes are the checkpoint's; shapes are checked against the model and a mismatch raises ValueError naming
-    the parameter. Only the `params` subtree is read.
+    The dtypes are the checkpoint's; shapes are checked against the model and a mismatch raises
+    CheckpointMismatchError naming the parameter. Only the `params` subtree is read. Without a step (None or < 0):
+    the newest checkpoint that restores; a newer, damaged one is named in one warning line and left in place.
     """
     handlers = {"state": ocp.PyTreeCheckpointHandler()}
     options = ocp.CheckpointManagerOptions(read_only=True)
@@ -113,42 +114,64 @@ def restore_params(
         steps = list(manager.all_steps())
         if not steps:
             raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-        step = max(steps) if step is None or step < 0 else int(step)
-        if step not in steps:
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step}; saved steps: {sorted(steps)}")
-        saved = manager.item_metadata(step)["state"]
-        saved = getattr(saved, "tree", saved)
-        if not isinstance(saved, Mapping) or "params" not in saved:
-            raise ValueError(f"{ckpt_dir / str(step)}: the state holds no 'params' (not a qponder train state)")
-        have = dict(named_leaves(saved["params"]))
-        _, abs_params, _ = train_state.split_model(abstract_model)
-        shards = train_state.param_shardings(abstract_model, mesh)
-        problems = []
-
-        def target(path, x, shard):
-            name = train_state.param_path(path)
-            meta = have.pop(name, None)
-            if meta is None:
-                problems.append(f"parameter {name!r} is missing from the checkpoint")
-                return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard)
-            if tuple(meta.shape) != tuple(x.shape):
-                problems.append(f"parameter {name!r} has shape {tuple(meta.shape)} in the checkpoint, {x.shape} here")
-            return jax.ShapeDtypeStruct(x.shape, meta.dtype, sharding=shard)
-
-        abstract = jax.tree_util.tree_map_with_path(target, abs_params, shards)
-        problems += [f"parameter {name!r} is in the checkpoint but not in the model" for name in sorted(have)]
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
-            raise ValueError(f"checkpoint {ckpt_dir / str(step)} does not fit the model: {shown}")
-        restore = ocp.args.PyTreeRestore(
-            item={"params": abstract},
-            restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
-            partial_restore=True,
-        )
-        restored = manager.restore(step, args=ocp.args.Composite(state=restore))
-        return restored["state"]["params"], step
+        restore_at = lambda s: _restore_params_at(manager, ckpt_dir / str(s), s, abstract_model, mesh)
+        if step is not None and step >= 0:
+            if int(step) not in steps:
+                raise FileNotFoundError(f"{ckpt_dir}: no checkpoint at step {step}; saved steps: {sorted(steps)}")
+            try:
+                return restore_at(int(step)), int(step)
+            except (train_state.CheckpointMismatchError, train_state.CheckpointUnreadableError):
+                raise
+            except Exception as e:
+                reason = train_state.damage_reason(e)
+                raise train_state.CheckpointUnreadableError(
+                    f"checkpoint {ckpt_dir / str(step)} does not restore ({reason})"
+                ) from e
+        params, step, skipped = train_state.restore_newest(steps, restore_at, ckpt_dir)
+        for damaged, reason in skipped:
+            if jax.process_index() == 0:
+                logging.warning(
+                    "checkpoint step %d in %s does not restore (%s): left in place; using step %d",
+                    damaged, ckpt_dir, reason, step,
+                )  # fmt: skip
+        return params, step
     finally:
         manager.close()
+
+
+def _restore_params_at(manager, where: Path, step: int, abstract_model: Qwen25VL, mesh) -> dict:
+    """The params of checkpoint `step` (see `restore_params`)."""
+    saved = manager.item_metadata(step)["state"]
+    saved = getattr(saved, "tree", saved)
+    if not isinstance(saved, Mapping) or "params" not in saved:
+        raise ValueError(f"{where}: the state holds no 'params' (not a qponder train state, or damaged)")
+    have = dict(named_leaves(saved["params"]))
+    _, abs_params, _ = train_state.split_model(abstract_model)
+    shards = train_state.param_shardings(abstract_model, mesh)
+    problems = []
+
+    def target(path, x, shard):
+        name = train_state.param_path(path)
+        meta = have.pop(name, None)
+        if meta is None:
+            problems.append(f"parameter {name!r} is missing from the checkpoint")
+            return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shard)
+        if tuple(meta.shape) != tuple(x.shape):
+            problems.append(f"parameter {name!r} has shape {tuple(meta.shape)} in the checkpoint, {x.shape} here")
+        return jax.ShapeDtypeStruct(x.shape, meta.dtype, sharding=shard)
+
+    abstract = jax.tree_util.tree_map_with_path(target, abs_params, shards)
+    problems += [f"parameter {name!r} is in the checkpoint but not in the model" for name in sorted(have)]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; ... ({len(problems)} in all)" if len(problems) > 5 else "")
+        raise train_state.CheckpointMismatchError(f"checkpoint {where} does not fit the model: {shown}")
+    restore = ocp.args.PyTreeRestore(
+        item={"params": abstract},
+        restore_args=ocp.checkpoint_utils.construct_restore_args({"params": abstract}),
+        partial_restore=True,
+    )
+    restored = manager.restore(step, args=ocp.args.Composite(state=restore))
+    return restored["state"]["params"]
 
 
 def load_checkpoint(

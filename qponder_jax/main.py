@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from qponder_jax import distributed  # registers --coordinator_address, --num_processes, --process_id
+from qponder_jax.errors import Preempted
 
 JobFn = Callable[[Any, Path], Any]
 
@@ -96,11 +97,13 @@ def main(argv: list[str]) -> None:
     _write_config(config, workdir)
     try:
         result = job(config, workdir)
+        if getattr(result, "status", None) == "preempted":
+            raise Preempted(f"preempted; checkpoint saved in {workdir}. Rerun the same command to resume.")
+    except Preempted as e:  # exit status EXIT_RESUME: a scheduler or launch/ reruns it, never records it as done
+        print(f"qponder: {e} (exit status {e.code})", flush=True)
+        raise
     except _user_errors() as e:  # evaluated only when an exception reaches it
         raise SystemExit(f"qponder: error: {e}") from e
-    status = getattr(result, "status", None)
-    if status == "preempted":
-        print(f"qponder: preempted; checkpoint saved in {workdir}. Rerun the same command to resume.", flush=True)
 
 
 def _validated_job(config, workdir: Path) -> JobFn:
@@ -127,13 +130,20 @@ def _config_error(error: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says what to fix (a missing path, a workdir of another model, a diverged run): printed
-    as one line with exit status 1, without a traceback."""
+    """Errors whose message says what to fix (a missing path, a workdir of another model, no checkpoint that restores,
+    a diverged run): printed as one line with exit status 1, without a traceback."""
     from qponder_jax.errors import ConfigError, DataError
     from qponder_jax.train.loop import NonFiniteError
-    from qponder_jax.train.state import CheckpointMismatchError
+    from qponder_jax.train.state import CheckpointMismatchError, CheckpointUnreadableError
 
-    return (ConfigError, DataError, FileNotFoundError, CheckpointMismatchError, NonFiniteError)
+    return (
+        ConfigError,
+        DataError,
+        FileNotFoundError,
+        CheckpointMismatchError,
+        CheckpointUnreadableError,
+        NonFiniteError,
+    )
 
 
 def _write_config(config, workdir: Path) -> None:

@@ -58,8 +58,9 @@ def test_run_stages_resumes_after_an_interruption(tmp_path):
 
 def test_a_preempted_training_stage_stops_the_demo_without_a_marker(tmp_path):
     stage = demo.Stage("t", "train", lambda c, w, o: {"status": "preempted"})
-    with pytest.raises(SystemExit, match="rerun the same command to resume"):
+    with pytest.raises(SystemExit, match="rerun the same command to resume") as stopped:
         demo.run_stages(None, tmp_path, [stage], say=lambda s: None)
+    assert stopped.value.code == 75  # "resume later", as a preempted training job (errors.EXIT_RESUME); not 1 or 0
     assert demo.read_marker(tmp_path / "1_t") is None
 
 

@@ -270,6 +270,57 @@ def test_description_checks():
     assert descriptions.check_response("x", "koniq10k", "", 3.0, 0)["type_named"] is None
 
 
+def test_eval_job_notes_follow_the_datasets_and_list_build_skips(tiny, tmp_path, capsys):
+    """--config.datasets=csiq:all under the tiny config (protocol "synthetic"): the notes describe CSIQ, not the
+    synthetic split, and the image skipped when CSIQ was built is named in the table's notes and report.json."""
+    import dataset_fixtures as fx
+
+    from configs.eval import get_config
+    from qponder_jax.data import datasets
+
+    fx.write_csiq(tmp_path / "manual")
+    missing = sorted((tmp_path / "manual").rglob("*.png"))[0]
+    missing.unlink()
+    datasets.build("csiq", tmp_path / "manual", tmp_path / "tfds")
+    config = get_config("tiny")
+    config.checkpoint = str(tiny[3])
+    config.mesh = (1, 2, 1)
+    config.score.mode = "level"
+    config.datasets = "csiq:all"
+    config.data.data_dir = str(tmp_path / "tfds")
+    rep = eval_job.run(config, tmp_path / "run")
+    printed = capsys.readouterr().out
+    notes = rep["notes"]
+    assert not any("synthetic" in n.lower() for n in notes), notes
+    assert any(n.startswith("csiq:all: CSIQ") for n in notes), notes
+    assert "| csiq:all |" in printed and "1 file(s) of csiq (all splits) were skipped" in printed
+    assert str(missing) in printed
+    saved = json.loads((tmp_path / "run" / "eval" / "report.json").read_text())["datasets"]["csiq:all"]
+    assert [s["path"] for s in saved["build_skipped"]] == [str(missing)] and saved["images"] == 3
+    # the protocol's own datasets keep the protocol's note
+    synthetic = report.PROTOCOLS["synthetic"][1]
+    assert report.dataset_notes("synthetic", {"synthetic:test": "generated"}) == (synthetic,)
+    assert report.dataset_notes("synthetic", {"kadid10k:all": "KADID-10k"}) == ("kadid10k:all: KADID-10k",)
+
+
+@pytest.mark.parametrize("style", ["short", "long"])
+def test_type_named_reads_the_rule_teachers_wording(style):
+    """Every distortion and level the rule teacher writes (the demo's short label `contrast, slight; ...` and the long
+    reasoning) names its type and nothing else; aspect nouns in ordinary descriptions still name nothing."""
+    from qponder_jax import demo
+    from qponder_jax.data.datasets.synthetic import DISTORTIONS
+    from qponder_jax.data.rule_teacher import response_for
+
+    write = demo.short_response if style == "short" else response_for
+    for kind in DISTORTIONS[1:]:
+        for level in range(1, 6):
+            check = descriptions.check_response(write(kind, level, 2.5), "synthetic", kind, 2.5, 2)
+            assert check["type_named"] and check["other_categories"] == 0, (kind, level, write(kind, level, 2.5))
+    assert descriptions.named_categories("Good contrast, moderate noise.") == {"noise"}
+    assert descriptions.named_categories("The contrast is strong and the brightness is good.") == set()
+    assert descriptions.named_categories("Balanced exposure, strong colors; no contrast, slight;") == set()
+
+
 def test_eval_on_a_built_dataset(tiny, tmp_path):
     """A tfds-built CSIQ (tiny copy in the official layout) through the job's source opener: records carry CSIQ's
     distortion types, and the description check knows them (awgn -> noise, jpeg2000 -> compression or blur)."""

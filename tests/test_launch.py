@@ -7,8 +7,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -114,6 +116,73 @@ def test_local_launcher_stops_the_others_when_one_fails(tmp_path):
     code = local.run([sys.executable, "-c", script], num_processes=2, grace_s=0.5, log_dir=str(tmp_path))
     assert code == 3
     assert (tmp_path / "process_0.log").exists() and (tmp_path / "process_1.log").exists()
+
+
+def test_local_launcher_passes_sigterm_on_and_exits_with_resume_status(tmp_path):
+    """SIGTERM to launch/local.py reaches every process (each saves and exits 75, as a preempted qponder run does);
+    the launcher waits for them and exits with 75 ("resume later") instead of dying and orphaning them."""
+    script = (
+        "import os, signal, sys, time\n"
+        f"me = os.path.join({str(tmp_path)!r}, os.environ['QPONDER_PROCESS_ID'])\n"
+        "signal.signal(signal.SIGTERM, lambda *a: (open(me + '.got', 'w').close(), sys.exit(75)))\n"
+        "open(me + '.ready', 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    cmd = [sys.executable, str(ROOT / "launch/local.py"), "--num_processes=2", "--", sys.executable, "-c", script]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while len(list(tmp_path.glob("*.ready"))) < 2 and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out
+    assert sorted(p.name for p in tmp_path.glob("*.got")) == ["0.got", "1.got"]
+
+
+def _fake_tools(tmp_path: Path, **tools: str) -> dict:
+    """An environment whose PATH starts with `tmp_path/bin` holding the given shell scripts (stand-ins for gcloud,
+    srun, scontrol)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    for name, body in tools.items():
+        (bin_dir / name).write_text("#!/usr/bin/env bash\n" + body + "\n")
+        (bin_dir / name).chmod(0o755)
+    return {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("codes, expected", [((0, 75), 75), ((75, 75), 75), ((3, 75), 1), ((0, 0), 0)])
+def test_tpu_pod_run_reports_a_preempted_worker_as_resume_later(tmp_path, codes, expected):
+    """`tpu_pod.sh run` with a stand-in gcloud whose worker i's command exits codes[i]: 75 from a worker (and no other
+    failure) is the script's exit status 75, "rerun to resume"; any other failure is 1."""
+    gcloud = 'case "$*" in ' + " ".join(f"*--worker={i}*) exit {c} ;;" for i, c in enumerate(codes)) + " esac"
+    env = _fake_tools(tmp_path, gcloud=gcloud)
+    env.update(TPU_NAME="qp", NUM_WORKERS="2", LOG_DIR=str(tmp_path / "logs"))
+    out = subprocess.run(["bash", str(ROOT / "launch/tpu_pod.sh"), "run", "--", "python3", "-c", "pass"],
+                         capture_output=True, text=True, env=env, timeout=60)  # fmt: skip
+    assert out.returncode == expected, out.stdout + out.stderr
+    if expected == 75:
+        assert "rerun the same command to resume" in out.stderr
+
+
+@pytest.mark.parametrize("requeue", ["1", "0"])
+def test_slurm_script_requeues_a_preempted_run(tmp_path, requeue):
+    """With a stand-in srun that exits 75 (the tasks were preempted after saving), the batch script requeues its job
+    through scontrol (unless QPONDER_REQUEUE=0) and exits with 75; a run that finishes is not requeued."""
+    calls = tmp_path / "scontrol_calls"
+    env = _fake_tools(tmp_path, srun='exit "${FAKE_SRUN_EXIT}"', scontrol=f'echo "$*" >> {calls}')
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", LOG_DIR=str(tmp_path / "logs"), QPONDER_REQUEUE=requeue)
+    env.pop("SLURM_JOB_NODELIST", None)
+    script = ["bash", str(ROOT / "launch/slurm_gpu.sbatch"), "python", "-m", "qponder_jax.main", "--workdir=/w"]
+    out = subprocess.run(script, capture_output=True, text=True, env={**env, "FAKE_SRUN_EXIT": "75"}, timeout=60)
+    assert out.returncode == 75, out.stdout + out.stderr
+    assert (calls.read_text().split() if calls.exists() else []) == (["requeue", "4242"] if requeue == "1" else [])
+    calls.unlink(missing_ok=True)
+    done = subprocess.run(script, capture_output=True, text=True, env={**env, "FAKE_SRUN_EXIT": "0"}, timeout=60)
+    assert done.returncode == 0 and not calls.exists(), done.stdout + done.stderr
 
 
 # ---- 2 processes x 4 devices against 1 process x 8 devices (slow: CLI runs, each compiling the step) ----

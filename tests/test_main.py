@@ -147,6 +147,33 @@ def test_bad_overrides_are_errors(tmp_path):
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # nothing ran
 
 
+@pytest.mark.parametrize("how", ["returns", "raises"])
+def test_a_preempted_job_exits_with_the_resume_status(tmp_path, how):
+    """A job that returns status "preempted" (the trainers) or raises errors.Preempted (the demo) makes `qponder` say
+    to rerun and exit with 75 (EX_TEMPFAIL), which schedulers and launch/ read as "resume later", never as done."""
+    (tmp_path / "fake.py").write_text(
+        "import ml_collections\n"
+        "def get_config():\n"
+        "    return ml_collections.ConfigDict({'job': 'fake', 'how': 'returns'}).lock()\n"
+    )
+    script = (
+        "import sys, types\n"
+        "from qponder_jax import main\n"
+        "from qponder_jax.errors import Preempted\n"
+        "def job(config, workdir):\n"
+        "    if config.how == 'returns':\n"
+        "        return types.SimpleNamespace(status='preempted')\n"
+        "    raise Preempted('demo: interrupted in stage 4; rerun the same command to resume from there')\n"
+        "main.register_job('fake', job)\n"
+        "sys.argv[1:] = ['--config=' + sys.argv[1], '--workdir=' + sys.argv[2], '--config.how=' + sys.argv[3]]\n"
+        "main.run()\n"
+    )
+    cmd = [sys.executable, "-c", script, str(tmp_path / "fake.py"), str(tmp_path / "w"), how]
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 75, out.stdout + out.stderr
+    assert "rerun the same command to resume" in out.stdout.lower() and "Traceback" not in out.stderr
+
+
 def test_real_variant_names_the_missing_model_path(tmp_path):
     result = _qponder(tmp_path / "w", variant="7b")
     assert result.returncode == 1
@@ -202,7 +229,7 @@ def test_sigterm_then_rerun_resumes_to_the_same_parameters(tiny_run, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == 75, err[-3000:]  # "resume later" (errors.EXIT_RESUME), not done
     assert "preempted" in out
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir())
     stopped_at = saved[-1]
@@ -217,6 +244,12 @@ def test_sigterm_then_rerun_resumes_to_the_same_parameters(tiny_run, tmp_path):
     assert diff == 0.0
     ref_eval = read_metrics(ref_dir, "eval")[-1]["loss"]
     assert read_metrics(workdir, "eval")[-1]["loss"] == ref_eval
+    steps = [r["step"] for r in read_metrics(workdir, "train")]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # one row per step
+
+    again = _qponder(workdir)  # a finished run says so instead of "resuming at step 40"
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "the run is complete (checkpoint at step 40" in again.stdout and "resuming" not in again.stdout
 
 
 @pytest.mark.slow

@@ -196,6 +196,25 @@ def test_skipping_nonfinite_steps_up_to_the_limit(single, batches, tmp_path):
     assert all(np.isfinite(v) for v in result.losses.values())
 
 
+def test_a_resumed_logger_keeps_one_row_per_step(tmp_path):
+    """Rows logged after the checkpoint a run resumes from (lost to a kill) are replayed: metrics.jsonl keeps one row
+    per step and prefix, with the replayed values, and a line cut off by the kill is dropped."""
+    first = MetricLogger(tmp_path, total_steps=6, progress=False, tensorboard=False)
+    for step in range(1, 6):
+        first.write(step, {"loss": float(step)})
+    first.write(4, {"loss": 0.5}, prefix="eval")
+    first.close()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "pre')  # the kill came mid-write
+    resumed = MetricLogger(tmp_path, total_steps=6, initial_step=3, progress=False, tensorboard=False)
+    for step in range(4, 7):
+        resumed.write(step, {"loss": 10.0 + step})
+    resumed.close()
+    rows = [(r["step"], r["loss"]) for r in read_metrics(tmp_path)]
+    assert rows == [(1, 1), (2, 2), (3, 3), (4, 14), (5, 15), (6, 16)]
+    assert read_metrics(tmp_path, "eval") == []  # logged at step 4, after the checkpoint: replayed if at all
+
+
 def test_metrics_eval_and_flop_model(single, batches, tmp_path):
     flops = FlopModel.from_params(single.host_params, single.step.labels, merge_unit=CONFIG.vision.merge_unit)
     text = sum(np.prod(x.shape) for p, x in optim.named_leaves(single.host_params) if p.startswith(("language", "lm_")))

@@ -116,6 +116,78 @@ def test_keep_last_n_and_async_saves(tmp_path):
     ckpt.close()
 
 
+def _damage(step_dir: Path, how: str) -> None:
+    if how == "truncated":  # every array data file cut short (a crash or a full disk mid-copy)
+        for f in (step_dir / "state").rglob("d/*"):
+            f.write_bytes(f.read_bytes()[:64])
+    else:  # the array metadata is gone: it once read as "every parameter is missing" (a model mismatch)
+        (step_dir / "state" / "_METADATA").unlink()
+
+
+@pytest.mark.parametrize("how", ["truncated", "no_metadata"])
+def test_a_damaged_latest_checkpoint_falls_back_and_is_kept(tmp_path, caplog, how):
+    """The newest checkpoint is damaged: resume restores the one before it, one warning line names the skipped step,
+    why, and where it was moved (byte for byte, never deleted), and the run can save that step again. When no
+    checkpoint restores, one error names every step and nothing is moved."""
+    state, abstract, _ = _state_on((1, 1, 1))
+    ckpt = ts.Checkpointer(tmp_path / "checkpoints", async_save=False)
+    for step in (1, 2, 3):
+        ckpt.save(state.replace(step=state.step + step), {"index": step})
+    ckpt.close()
+    _damage(tmp_path / "checkpoints" / "3", how)
+    before = _tree_digest(tmp_path / "checkpoints" / "3")
+    ckpt = ts.Checkpointer(tmp_path / "checkpoints", async_save=False)
+    with caplog.at_level("WARNING"):
+        restored, data_state = ckpt.restore(abstract)
+    assert int(restored.step) == 2 and data_state == {"index": 2}
+    lines = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(lines) == 1 and "checkpoint step 3 in" in lines[0] and "resuming from step 2" in lines[0], lines
+    assert f"moved to {tmp_path / 'checkpoints.damaged' / '3'} (not deleted)" in lines[0]
+    assert _tree_digest(tmp_path / "checkpoints.damaged" / "3") == before
+    assert ckpt.all_steps() == [1, 2] and ckpt.save(restored.replace(step=restored.step + 1))  # step 3 again
+    ckpt.close()
+
+    for step in (1, 2, 3):
+        _damage(tmp_path / "checkpoints" / str(step), how)
+    ckpt = ts.Checkpointer(tmp_path / "checkpoints")
+    every_step = r"no checkpoint in .* restores \(step 3: .*; step 2: .*; step 1: "
+    with pytest.raises(ts.CheckpointUnreadableError, match=every_step):
+        ckpt.restore(abstract)
+    ckpt.close()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+
+
+def test_read_only_restore_skips_a_damaged_latest_checkpoint(tmp_path, caplog):
+    """Eval and export (`loading.restore_params` without a step) use the newest checkpoint that restores, name the
+    damaged one in one line and leave it where it is; asked for that step explicitly, they raise one clear error."""
+    from flax import nnx
+
+    from qponder_jax import loading
+    from qponder_jax.model.qwen2_5_vl import Qwen25VL
+
+    state, _, _ = _state_on((1, 1, 1))
+    ckpt = ts.Checkpointer(tmp_path, async_save=False)
+    for step in (1, 2):
+        shifted = jax.tree.map(lambda x, k=step: x + k, state.params)
+        ckpt.save(state.replace(step=state.step + step, params=shifted))
+    ckpt.close()
+    _damage(tmp_path / "2", "truncated")
+    before = _tree_digest(tmp_path)
+    abstract = nnx.eval_shape(lambda: Qwen25VL(tiny_config(), rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+    with caplog.at_level("WARNING"):
+        params, step = loading.restore_params(tmp_path, abstract, mesh)
+    assert step == 1
+    got = params["language_model"]["embed_tokens"]["embedding"]
+    want = state.params["language_model"]["embed_tokens"]["embedding"] + 1
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    lines = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(lines) == 1 and "step 2" in lines[0] and "left in place; using step 1" in lines[0], lines
+    assert _tree_digest(tmp_path) == before
+    with pytest.raises(ts.CheckpointUnreadableError, match=r"checkpoint .*2 does not restore \("):
+        loading.restore_params(tmp_path, abstract, mesh, step=2)
+
+
 def test_sigterm_sets_the_flag_and_restores_the_previous_handler():
     seen = []
     previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("old"))

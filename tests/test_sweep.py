@@ -4,8 +4,10 @@ dry run prints the plan, finished points are skipped, and the collector builds o
 import csv
 import json
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,6 +98,56 @@ def test_collect_sorts_and_writes_markdown_and_csv(tmp_path):
     with open(tmp_path / "results.csv") as f:
         csv_rows = list(csv.DictReader(f))
     assert [r["run"] for r in csv_rows] == ["c", "b", "a", "no_eval"] and csv_rows[0]["eval/loss"] == "1.0"
+
+
+def _point(tmp_path: Path, name: str, script: str) -> sweep.Point:
+    return sweep.Point(name, {}, tmp_path / name, [sys.executable, "-c", script], total_steps=4)
+
+
+def test_a_preempted_point_is_resumed_later_not_done(tmp_path):
+    """Exit 75 (a preempted qponder run) is "preempted": no further point starts and the sweep exits with 75, so a
+    scheduler reruns it; a point that failed otherwise still makes the sweep fail."""
+    started = tmp_path / "c_started"
+    points = [
+        _point(tmp_path, "a", "pass"),
+        _point(tmp_path, "b", "import sys; sys.exit(75)"),
+        _point(tmp_path, "c", f"open({str(started)!r}, 'w').close()"),
+    ]
+    status = sweep.run_points(points)
+    assert status == {"a": "done", "b": "preempted", "c": "not started"} and not started.exists()
+    assert sweep.exit_status(status) == 75
+    assert sweep.exit_status({"a": "done", "b": "failed (exit 3)", "c": "preempted"}) == 1
+    assert sweep.exit_status({"a": "done", "b": "skipped"}) == 0
+
+
+def test_sigterm_to_the_sweep_reaches_the_running_point(tmp_path):
+    """The sweep passes SIGTERM on to the running point (which saves and exits 75, as qponder does), waits for it,
+    starts no further point and exits with 75."""
+    got = tmp_path / "point_got_sigterm"
+    point = (
+        "import signal, sys, time\n"
+        f"signal.signal(signal.SIGTERM, lambda *a: (open({str(got)!r}, 'w').close(), sys.exit(75)))\n"
+        f"open({str(tmp_path / 'ready')!r}, 'w').close()\n"
+        "time.sleep(60)\n"
+    )
+    driver = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'launch')!r}); import sweep\n"
+        f"points = [sweep.Point(n, {{}}, sweep.Path({str(tmp_path)!r}) / n, [sys.executable, '-c', {point!r}], 4)"
+        " for n in ('a', 'b')]\n"
+        "sys.exit(sweep.exit_status(sweep.run_points(points)))\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 75, out
+    assert got.exists() and "1 not started, 1 preempted" in out
 
 
 def _sweep(*args, timeout=900) -> subprocess.CompletedProcess:

@@ -92,6 +92,12 @@ def open_source(spec: str, data: Mapping, *, workdir: str | Path | None = None):
     return datasets.load(name, split or "all", data_dir=data["data_dir"])
 
 
+def build_info(source) -> tuple[str, list[dict]]:
+    """(what the dataset is, the files skipped when it was built: [{"path", "reason"}]) of a source; ("", []) for a
+    source that records neither."""
+    return getattr(source, "build_info", ("", []))
+
+
 def video_data_dir(name: str, data: Mapping, workdir: str | os.PathLike | None) -> str:
     """The tfds folder to read VQA set `name` from: data.data_dir; for the synthetic VQA set, when data.data_dir is
     empty or does not hold it, `<workdir>/data/tfds`, built there first (process 0 only; nothing downloaded)."""

@@ -10,7 +10,9 @@ sets):
 
 The patterns are a heuristic of ours: defect words ("blurry", "noisy", "blocking"), not aspect nouns
 ("sharpness", "exposure") that any description mentions, and a match does not count when a negation ("no",
-"not", "without", "free of", ...) precedes it within three words of the same clause, or "-free" follows it.
+"not", "without", "free of", ...) precedes it within three words of the same clause, or "-free" follows it. An aspect
+noun counts only as a label with a severity ending its phrase, the rule teacher's short wording
+(`contrast, slight;`, `data/rule_teacher.py` and the demo), never in "good contrast, moderate noise".
 The reasoning is the first `<think>` block, or the whole response when there is none.
 """
 
@@ -21,6 +23,10 @@ import re
 from collections.abc import Iterable
 
 from qponder_jax import prompts
+from qponder_jax.data.rule_teacher import SEVERITY
+
+# "<distortion>, <severity>" ending its phrase: the rule teacher's label ("brightness, strong; quality poor")
+_LABEL = r", (?:" + "|".join(SEVERITY) + r")(?=\s*(?:[;.(]|$))"
 
 # category -> regular expressions (case-insensitive, matched on word boundaries)
 CATEGORY_PATTERNS: dict[str, tuple[str, ...]] = {
@@ -29,13 +35,15 @@ CATEGORY_PATTERNS: dict[str, tuple[str, ...]] = {
     "noise": (r"nois(?:e|y|iness)", r"grain(?:y|iness)?", r"speckl\w*", r"salt[- ]and[- ]pepper", r"specks?"),
     "compression": (r"jpe?g\w*", r"compress\w*", r"block(?:y|ing|iness)", r"ringing", r"mosquito"),
     "contrast": (r"(?:low|reduced|poor|weak|flat|lost|lacking) contrast", r"contrast (?:is )?(?:low|reduced|weak|"
-                 r"poor|change[sd]?)", r"washed[- ]out", r"flat(?:tened)? tones?", r"lacks? contrast"),
+                 r"poor|change[sd]?)", r"washed[- ]out", r"flat(?:tened)? tones?", r"lacks? contrast",
+                 r"contrast" + _LABEL),
     "brightness": (r"(?:over|under)[- ]?expos(?:ed|ure)", r"too (?:bright|dark)", r"bright(?:ened|ening)",
-                   r"dark(?:ened|ening)", r"brightness (?:shift|change|increase|decrease)", r"dim", r"gloomy"),
+                   r"dark(?:ened|ening)", r"brightness (?:shift|change|increase|decrease)", r"dim", r"gloomy",
+                   r"(?:brightness|exposure)" + _LABEL),
     "color": (r"(?:de|over|under)?saturat\w*", r"colou?r (?:shift|cast|distortion|bleed\w*|change|diffusion)",
               r"(?:faded|dull|washed[- ]out|unnatural|drained) colou?rs?", r"gr[ae]y(?:ish|scale)", r"monochrome",
               r"tint(?:ed)?"),
-    "pixelation": (r"pixel(?:ated|ation|ized|isation|ization)", r"jagged", r"aliasing", r"staircase", r"mosaic"),
+    "pixelation": (r"pixelat\w*", r"pixel(?:ized|isation|ization)", r"jagged", r"aliasing", r"staircase", r"mosaic"),
     "quantization": (r"quantiz\w*", r"banding", r"posteriz\w*", r"false contours?", r"dither\w*"),
     "sharpening": (r"over[- ]?sharpen\w*", r"sharpen(?:ed|ing)", r"halos?", r"oversharp\w*"),
     "geometric": (r"jitter\w*", r"misalign\w*", r"displace\w*", r"warp\w*", r"geometric distortions?"),

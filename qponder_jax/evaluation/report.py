@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,31 @@ def protocol_specs(name: str) -> tuple[str, ...]:
     if name not in PROTOCOLS:
         raise ConfigError(f"config field protocol={name!r}: choose one of {sorted(PROTOCOLS)}")
     return PROTOCOLS[name][0]
+
+
+def dataset_notes(protocol: str, descriptions: Mapping[str, str]) -> tuple[str, ...]:
+    """The notes on what was evaluated: the protocol's note when the specs evaluated (the keys of `descriptions`,
+    spec -> what its source says it is) are exactly the protocol's, else one line per spec from its description."""
+    if protocol in PROTOCOLS and tuple(descriptions) == PROTOCOLS[protocol][0]:
+        return (PROTOCOLS[protocol][1],)
+    return tuple(f"{spec}: {text}" for spec, text in descriptions.items() if text)
+
+
+def skipped_note(spec: str, build_skipped: Sequence[dict], eval_skipped: int) -> str:
+    """One line on the files of `spec` left out of its metrics ("" when none): skipped when the dataset was built
+    (missing or unreadable; the build covers all its splits) and undecodable at evaluation."""
+    parts = []
+    if build_skipped:
+        first = build_skipped[0]
+        parts.append(
+            f"{len(build_skipped)} file(s) of {spec.partition(':')[0]} (all splits) were skipped when it was built "
+            f"(first: {first.get('path', '?')}: {first.get('reason', '?')})"
+        )
+    if eval_skipped:
+        parts.append(f"{eval_skipped} could not be decoded at evaluation")
+    if not parts:
+        return ""
+    return f"{spec}: " + "; ".join(parts) + "; they are not in its metrics (report.json lists them)."
 
 
 def file_stem(spec: str) -> str:

@@ -217,8 +217,7 @@ def run(config, workdir) -> loop.LoopResult:
     logger.text(
         f"grpo: model {config.init_checkpoint or config.model.model_path}, mesh {dict(mesh.shape)}, "
         f"{d.batch_size} prompts x {settings.num_generations} rollouts per step, "
-        f"rewards {[(r.name, r.weight) for r in settings.rewards]}, "
-        f"resuming at step {int(state.step)}"
+        f"rewards {[(r.name, r.weight) for r in settings.rewards]}, " + loop.start_line(int(state.step), t.total_steps)
     )
     try:
         with state_lib.PreemptionHandler() as preemption:

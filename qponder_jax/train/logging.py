@@ -77,7 +77,11 @@ class FlopModel:
 
 
 class MetricLogger:
-    """Writes scalars to stdout, TensorBoard (`<workdir>/tensorboard`) and `<workdir>/metrics.jsonl` on process 0."""
+    """Writes scalars to stdout, TensorBoard (`<workdir>/tensorboard`) and `<workdir>/metrics.jsonl` on process 0.
+
+    A run resumed at `initial_step` replays the steps after it, so the rows of `metrics.jsonl` past that step (logged
+    before an interruption that lost them) are dropped first, and TensorBoard is told to hide its events past it
+    (`purge_step`): one row per step and prefix, the replayed values."""
 
     def __init__(
         self,
@@ -94,11 +98,13 @@ class MetricLogger:
         if not self.active:
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
+        dropped = _drop_rows_after(self.workdir / "metrics.jsonl", initial_step)
         self._jsonl = open(self.workdir / "metrics.jsonl", "a")  # closed in close()
         if tensorboard:
             from tensorboardX import SummaryWriter
 
-            self._writer = SummaryWriter(logdir=str(self.workdir / "tensorboard"))
+            purge = initial_step + 1 if dropped else None  # hide the events of the steps about to be replayed
+            self._writer = SummaryWriter(logdir=str(self.workdir / "tensorboard"), purge_step=purge)
         if progress is None:
             progress = sys.stdout.isatty()
         if progress:
@@ -145,6 +151,26 @@ class MetricLogger:
             if thing is not None:
                 thing.close()
         self._bar = self._writer = self._jsonl = None
+
+
+def _drop_rows_after(path: Path, step: int) -> int:
+    """Rewrites the metrics JSONL at `path` without its rows past `step` (and lines cut off by a crash); returns how
+    many lines it dropped."""
+    if not path.is_file():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if len(kept) < len(lines):
+        partial = path.with_name(path.name + ".partial")
+        partial.write_text("".join(line + "\n" for line in kept))
+        partial.replace(path)
+    return len(lines) - len(kept)
 
 
 def _fmt(v: float | None) -> str:

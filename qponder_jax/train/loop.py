@@ -68,6 +68,18 @@ def restore_or_keep(checkpointer: Checkpointer, abstract: TrainState, data: Data
     return state
 
 
+def start_line(step: int, total_steps: int) -> str:
+    """Where a training job starts: a fresh run, a resume, or a run already complete (the loop then does nothing)."""
+    if step == 0:
+        return "starting at step 0"
+    if step < total_steps:
+        return f"resuming at step {step} of {total_steps}"
+    return (
+        f"the run is complete (checkpoint at step {step}, train.total_steps={total_steps}): nothing to train; raise "
+        "train.total_steps to train further, or use a new --workdir"
+    )
+
+
 def run_loop(
     state: TrainState,
     train_step: Callable[[TrainState, Any], tuple[TrainState, dict]],

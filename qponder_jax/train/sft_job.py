@@ -134,7 +134,7 @@ def run(config, workdir) -> loop.LoopResult:
         checkpoint_every=t.checkpoint_every,
         max_consecutive_nonfinite=t.max_consecutive_nonfinite,
     )
-    logger.text(f"sft: model {model_dir}, mesh {dict(mesh.shape)}, resuming at step {int(state.step)}")
+    logger.text(f"sft: model {model_dir}, mesh {dict(mesh.shape)}, {loop.start_line(int(state.step), t.total_steps)}")
     try:
         with state_lib.PreemptionHandler() as preemption:
             return loop.run_loop(

@@ -5,7 +5,10 @@ A checkpoint step directory `<workdir>/checkpoints/<step>/` holds two items:
 - `data`: the data iterator's state as JSON, so a resumed run sees exactly the batches it would have seen.
 Restoring takes an abstract target with the *current* mesh's shardings, so a run saved on one mesh shape resumes on
 another. Before restoring, the checkpoint's array metadata is compared with the target and any difference raises a
-`CheckpointMismatchError` naming the parameter; the checkpoint itself is never modified.
+`CheckpointMismatchError` naming the parameter; the checkpoint itself is never modified. A damaged checkpoint (a
+truncated or missing file: it fails to read) is skipped for the newest one that restores (`restore_newest`); the
+training `Checkpointer` moves it to `<checkpoints>.damaged/<step>` so the run can save that step again, and says so
+in one line. It is never deleted.
 """
 
 from __future__ import annotations
@@ -42,6 +45,47 @@ class TrainState:
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint in the workdir does not fit the model or optimizer being trained."""
+
+
+class CheckpointUnreadableError(ValueError):
+    """No checkpoint of a folder restores (each one is damaged), or the step asked for does not."""
+
+
+def damage_reason(error: BaseException) -> str:
+    """Why a checkpoint did not restore, in one short line: the error's type and the first line of its message."""
+    first = (str(error).strip().splitlines() or [""])[0].split(" See full TensorStore details")[0]
+    first = first if len(first) <= 160 else first[:157] + "..."
+    return f"{type(error).__name__}: {first}" if first else type(error).__name__
+
+
+def restore_newest(steps, restore_at, where: Path) -> tuple[Any, int, list[tuple[int, str]]]:
+    """`restore_at(step)` of the newest of `steps` that restores, trying them newest first: (its result, that step,
+    [(each newer step, why it did not restore)]). A CheckpointMismatchError (the model or optimizer differs, so every
+    step would fail alike) is raised at once; when no step restores, CheckpointUnreadableError names each step."""
+    skipped: list[tuple[int, str]] = []
+    for step in sorted(steps, reverse=True):
+        try:
+            result, reason = restore_at(step), None
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # damage surfaces as orbax, tensorstore, JSON or OS errors of many types
+            result, reason = None, damage_reason(e)
+        if not _on_every_process(reason is None):  # all processes fall back together
+            skipped.append((step, reason or "it did not restore on another process"))
+            continue
+        return result, step, skipped
+    listed = "; ".join(f"step {step}: {reason}" for step, reason in skipped)
+    raise CheckpointUnreadableError(
+        f"no checkpoint in {where} restores ({listed}). They are left in place; move them away to start afresh"
+    )
+
+
+def _on_every_process(ok: bool) -> bool:
+    if jax.process_count() == 1:
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.process_allgather(jnp.asarray(ok)).all())
 
 
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, dict, nnx.State]:
@@ -159,6 +203,8 @@ class Checkpointer:
         have = {p: (tuple(m.shape), str(m.dtype)) for p, m in named_leaves(saved_tree) if hasattr(m, "shape")}
         want = {p: (tuple(x.shape), str(x.dtype)) for p, x in named_leaves(state_tree(target))}
         where = f"checkpoint {self.directory / str(step)}"
+        if not have:  # damage, not another model: the array metadata (state/_METADATA) is missing or unreadable
+            raise CheckpointUnreadableError(f"{where}: its array metadata lists no arrays")
         param_problems, other_problems = [], []
         for path in sorted(set(want) | set(have)):
             is_param = path.startswith("params/")
@@ -185,10 +231,55 @@ class Checkpointer:
             raise CheckpointMismatchError(f"{where} does not match: {shown}. {hint}")
 
     def restore(self, target: TrainState, step: int | None = None) -> tuple[TrainState, Any]:
-        """(state, data_state) from `step` (default: latest), placed on `target`'s shardings."""
-        step = self.latest_step() if step is None else step
-        if step is None:
+        """(state, data_state) placed on `target`'s shardings, from `step`, or by default from the newest checkpoint
+        that restores: each newer, damaged one is moved to `<directory>.damaged/` (never deleted) and named in one
+        warning line, so that this run saves its step again."""
+        if step is not None:
+            try:
+                return self._restore_at(target, step)
+            except (CheckpointMismatchError, CheckpointUnreadableError):
+                raise
+            except Exception as e:
+                where = self.directory / str(step)
+                raise CheckpointUnreadableError(f"checkpoint {where} does not restore ({damage_reason(e)})") from e
+        steps = self.all_steps()
+        if not steps:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored, step, skipped = restore_newest(steps, lambda s: self._restore_at(target, s), self.directory)
+        moved = self._set_aside([s for s, _ in skipped]) if skipped else {}
+        for damaged, reason in skipped:
+            if jax.process_index() == 0:
+                logging.warning(
+                    "checkpoint step %d in %s does not restore (%s): moved to %s (not deleted); resuming from step %d",
+                    damaged, self.directory, reason, moved[damaged], step,
+                )  # fmt: skip
+        return restored
+
+    @property
+    def damaged_dir(self) -> Path:
+        """Where damaged checkpoints are moved: `<directory>.damaged/<step>`."""
+        return self.directory.with_name(self.directory.name + ".damaged")
+
+    def _set_aside(self, steps: list[int]) -> dict[int, Path]:
+        """Moves the step folders out of the manager's sight (process 0 moves, every process waits), then rereads
+        the folder; returns step -> where it went (on process 0)."""
+        moved = {}
+        if jax.process_index() == 0:
+            self.damaged_dir.mkdir(parents=True, exist_ok=True)
+            for step in steps:
+                target, n = self.damaged_dir / str(step), 1
+                while target.exists():  # damaged at that step before: keep both
+                    target, n = self.damaged_dir / f"{step}.{n}", n + 1
+                (self.directory / str(step)).rename(target)
+                moved[step] = target
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"set_aside:{self.directory}:{steps}")
+        self.manager.reload()
+        return moved
+
+    def _restore_at(self, target: TrainState, step: int) -> tuple[TrainState, Any]:
         self.check_compatible(target, step)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(state_tree(target)), data=ocp.args.JsonRestore())
         restored = self.manager.restore(step, args=args)

@@ -237,6 +237,15 @@ class IQASource:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._source!r})"
 
+    @property
+    def build_info(self) -> tuple[str, list[dict]]:
+        """(the builder's description, the files skipped when the dataset was built: [{"path", "reason"}], all
+        splits), as the build recorded them (metadata.json)."""
+        info = getattr(self._source, "dataset_info", None)
+        if info is None:
+            return "", []
+        return str(info.description or ""), list((info.metadata or {}).get("skipped", []))
+
     @staticmethod
     def convert(example: dict) -> dict:
         """A stored example -> the record the jobs read."""

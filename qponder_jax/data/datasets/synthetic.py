@@ -206,6 +206,11 @@ class SyntheticIQA:
         self.min_side, self.max_side = int(min_side), int(max_side)
         self.distortions = parse_distortions(distortions)
 
+    @property
+    def build_info(self) -> tuple[str, list[dict]]:
+        """(description, files skipped at build time): generated on the fly, nothing is skipped."""
+        return "The synthetic IQA set (procedural distortions, known MOS), generated on the fly.", []
+
     def __len__(self) -> int:
         return self.size
 
