@@ -1,13 +1,14 @@
 """The demo: the whole Q-Ponder pipeline at toy scale on a CPU, with nothing downloaded.
 
-    qponder --config=configs/demo.py --workdir=runs/demo          # ~8 minutes on 2 CPU cores
+    qponder --config=configs/demo.py --workdir=runs/demo          # ~10 minutes on 2 CPU cores
     qponder --config=configs/demo.py:test --workdir=/tmp/demo     # the reduced setting tests/test_demo.py runs
     qponder --config=configs/demo.py:smoke --workdir=/tmp/smoke   # every stage in about a minute (CI's bare install)
 
 Seven stages, each in its own sub-folder of the workdir with a `done.json` marker: (1) the demo tokenizer and a tiny
 random Qwen2.5-VL as an HF folder, (2) the synthetic IQA set (train / validation / test), (3) cold-start data from the
-rule-based teacher, (4) cold-start SFT -> Q-Ponder-CI, (5) GRPO -> Q-Ponder, (6) evaluation of the random model,
-Q-Ponder-CI and Q-Ponder on the test split, (7) export of Q-Ponder as an HF folder. Rerunning the same command skips
+rule-based teacher (with MLLM-like errors, filtered against the MOS), (4) cold-start SFT -> Q-Ponder-CI, (5) GRPO ->
+Q-Ponder, (6) evaluation of the random model, Q-Ponder-CI and Q-Ponder on the test split, next to the teacher's own
+scores, (7) export of Q-Ponder as an HF folder. Rerunning the same command skips
 finished stages and resumes an interrupted one from its checkpoint.
 
 The stage configs are the `tiny` variants of configs/qponder_ci.py, configs/qponder.py, configs/eval.py and
@@ -57,6 +58,17 @@ def get_config(arg: str | None = None):
     d.prompt_text = DEMO_PROMPT  # the user prompt of every stage
     d.response_style = "short"  # teacher response: "short" (`<think>blur, strong; quality poor</think>...`) or "long"
 
+    # The rule-based teacher errs like an MLLM teacher (qponder_jax/data/rule_teacher.py; docs/demo.md says why these
+    # values): score = clip(center + scale * (MOS - center) + bias[type] + N(0, noise^2), 1, 5).
+    t = config.teacher = ml_collections.ConfigDict()
+    t.bias = "contrast:+0.6,brightness:-0.4"  # per-distortion score shift, "type:shift,..." ("" = none)
+    t.scale = 0.8  # slope of its score against the MOS (< 1: scores compressed toward `center`)
+    t.center = 3.0  # the score the compression pulls toward
+    t.noise = 0.3  # std of its per-image score noise
+    t.severity_error = 0.15  # probability that it names a severity one step off
+    t.level_error = 0.1  # probability that its quality word is one bin off its own score
+    t.tolerance = 0.7  # cold-start filter (as the distill job's): keep a response when |score - MOS| <= tolerance
+
     s = config.sft = ml_collections.ConfigDict()
     s.total_steps = 2500  # cold-start SFT updates
     s.batch_size = 16  # images per update
@@ -66,15 +78,18 @@ def get_config(arg: str | None = None):
     s.checkpoint_every = 500  # checkpoint every K updates (resume point)
 
     g = config.grpo = ml_collections.ConfigDict()
-    g.total_steps = 10  # GRPO steps (rollouts + one update each)
+    g.total_steps = 500  # GRPO steps (rollouts + one update each)
     g.batch_size = 8  # prompts per step
     g.num_generations = 4  # G rollouts per prompt
     g.max_new_tokens = 32  # longest rollout (a short teacher response is ~26 tokens)
     g.temperature = 1.0  # rollout sampling temperature
-    g.peak_lr = 1e-5  # learning rate (constant): low, so GRPO refines Q-Ponder-CI without undoing it
+    g.peak_lr = 2e-4  # learning rate (constant)
     g.beta = 0.01  # KL coefficient to Q-Ponder-CI
-    g.log_every = 5  # progress line every N steps
-    g.checkpoint_every = 5  # checkpoint every K steps (resume point)
+    g.accuracy_mode = "gaussian"  # accuracy reward: "gaussian" exp(-(score - MOS)^2 / 2 sigma^2), or "threshold"
+    g.accuracy_sigma = 0.5  # width of the "gaussian" accuracy reward
+    g.consistency_weight = 0.5  # weight of the reasoning-consistency reward (level word vs score; accuracy weighs 1)
+    g.log_every = 50  # progress line every N steps
+    g.checkpoint_every = 100  # checkpoint every K steps (resume point)
 
     e = config.eval = ml_collections.ConfigDict()
     e.batch_size = 32  # images per generate call
@@ -84,8 +99,6 @@ def get_config(arg: str | None = None):
 
     if variant == "test":  # reduced, still meaningful: the quality test of tests/test_demo.py (same cold start)
         d.validation_size, d.test_size = 32, 128
-        g.total_steps = 4
-        g.log_every = g.checkpoint_every = 2
     if variant == "smoke":  # every stage and code path, a few steps each: proves an install works, not quality
         d.train_size, d.validation_size, d.test_size = 64, 16, 16
         s.total_steps, s.warmup_steps, s.log_every, s.checkpoint_every = 10, 2, 5, 10

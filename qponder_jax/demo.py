@@ -6,6 +6,10 @@ Each stage runs in its own sub-folder `<workdir>/<i>_<name>/` and ends by writin
 outputs. A rerun skips stages with a marker, resumes an unfinished training stage from its orbax checkpoint, and,
 when every stage is done, only prints the summary and says the run is complete. Training, evaluation and export
 are the `sft`, `grpo`, `eval` and `export` jobs, called with their `tiny` configs overridden from the demo config.
+
+The cold start comes from the rule-based teacher (`data/rule_teacher.py`) with the config's MLLM-like errors, kept
+where it passes the same MOS-tolerance filter as the `distill` job (`data/cold_start_filter.py`); the table's first
+row is that teacher's own scores on the test images.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import io
 import json
 import re
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +32,7 @@ from qponder_jax.errors import Preempted
 DONE = "done.json"
 MODELS = (("random", "random model (untrained)"), ("qponder_ci", "Q-Ponder-CI (cold-start SFT)"),
           ("qponder", "Q-Ponder (SFT + GRPO)"))  # fmt: skip
+TEACHER = ("teacher", "rule-based teacher (its scores)")  # the table's first row: the teacher on the same test images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +91,7 @@ class Progress(io.TextIOBase):
 
     def __init__(self, out, prefix: str, total_steps: int, keep=("loss", "reward_mean", "format_rate", "srcc")):
         self.out, self.prefix, self.total, self.keep = out, prefix, total_steps, keep
-        self.t0, self.first_step, self.buffer = time.perf_counter(), None, ""
+        self.first, self.buffer = {}, ""  # line kind ("train", "grpo") -> (its first step, when it was seen)
 
     def write(self, text: str) -> int:
         self.buffer += text
@@ -102,13 +108,15 @@ class Progress(io.TextIOBase):
         step = int(match.group(2))
         fields = dict(part.strip().split(" ", 1) for part in line.split("|")[1:] if " " in part.strip())
         shown = " | ".join(f"{k} {fields[k]}" for k in self.keep if k in fields)
-        if self.first_step is None:
-            self.first_step, self.t0 = step, time.perf_counter()  # the first line includes compiling
+        kind = match.group(1)
+        if kind not in self.first:
+            self.first[kind] = (step, time.perf_counter())  # the first line includes compiling
             left = "estimating time left"
         else:
-            rate = (time.perf_counter() - self.t0) / max(step - self.first_step, 1)
+            first_step, t0 = self.first[kind]
+            rate = (time.perf_counter() - t0) / max(step - first_step, 1)
             left = f"~{rate * (self.total - step):.0f} s left"
-        return f"{self.prefix} {match.group(1)} step {step}/{self.total} | {shown} | {left}"
+        return f"{self.prefix} {kind} step {step}/{self.total} | {shown} | {left}"
 
 
 @contextlib.contextmanager
@@ -209,36 +217,57 @@ def write_synthetic_split(
     return index
 
 
-def short_response(distortion_type: str, distortion_level: int, mos: float) -> str:
-    """The rule teacher's short response: the distortion, its severity and a level word, then the MOS."""
-    from qponder_jax import prompts
-    from qponder_jax.data.rule_teacher import SEVERITY
+def teacher_errors(config) -> object:
+    """The rule teacher's imperfections (`rule_teacher.TeacherErrors`) from the demo config's `teacher` section."""
+    from qponder_jax.data.rule_teacher import TeacherErrors, parse_bias
 
-    seen = "no distortion" if distortion_level <= 0 else f"{distortion_type}, {SEVERITY[distortion_level - 1]}"
-    return f"<think>{seen}; quality {prompts.level_of_score(mos)}</think><answer>{mos:.2f}</answer>"
+    t = config.teacher
+    return TeacherErrors(bias=parse_bias(t.bias), scale=t.scale, center=t.center, noise=t.noise,
+                         severity_error=t.severity_error, level_error=t.level_error, seed=int(config.seed))  # fmt: skip
 
 
-def write_cold_start(index: str | Path, out_jsonl: Path, prompt: str, *, style: str = "short") -> Path:
-    """Cold-start records for a synthetic split index, from the rule-based teacher (`data/rule_teacher.py`), written
-    with the cold-start JSONL writer the real distillation uses. style "long" keeps the teacher's full reasoning."""
-    from qponder_jax.data.datasets.cold_start import ColdStartWriter
-    from qponder_jax.data.rule_teacher import record_for
+def write_cold_start(
+    index: str | Path, out_jsonl: Path | None, prompt: str, *, split: str, style: str = "short", errors=None,
+    tolerance: float = float("inf"),
+) -> dict:  # fmt: skip
+    """Runs the rule-based teacher (`data/rule_teacher.py`) over a synthetic split index and keeps the responses that
+    pass the cold-start filter (`data/cold_start_filter.py`, as the `distill` job does), written with the cold-start
+    JSONL writer to `out_jsonl` (None: write nothing). Returns the counts and the teacher's metrics on every record."""
+    from qponder_jax.data.cold_start_filter import REASONS, judge
+    from qponder_jax.data.datasets.cold_start import ColdStartRecord, ColdStartWriter
+    from qponder_jax.data.datasets.synthetic import SPLITS
+    from qponder_jax.data.rule_teacher import respond
 
-    if style not in ("short", "long"):
-        raise ValueError(f"config field data.response_style={style!r}: choose 'short' or 'long'")
     index = Path(index)
-    partial = out_jsonl.with_suffix(".partial")
-    with ColdStartWriter(partial) as writer:
-        for line in index.read_text().splitlines():
-            row = json.loads(line)
-            example = {**row, "image": None}
-            record = record_for(example, (index.parent / row["image"]).resolve(), prompt)
-            if style == "short":
-                kind, level = row["distortion_type"], int(row["distortion_level"])
-                record = dataclasses.replace(record, response=short_response(kind, level, float(row["mos"])))
-            writer.write(record)
-    partial.rename(out_jsonl)
-    return out_jsonl
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    scores, rejections = [], dict.fromkeys(REASONS, 0)
+    partial = out_jsonl.with_suffix(".partial") if out_jsonl else None
+    with contextlib.nullcontext() if partial is None else ColdStartWriter(partial) as writer:
+        for i, row in enumerate(rows):
+            kind, level, mos = row["distortion_type"], int(row["distortion_level"]), float(row["mos"])
+            text, said = respond(kind, level, mos, errors=errors, key=(SPLITS[split], i), style=style)
+            scores.append(said.score)
+            reason, score = judge(text, mos, tolerance=tolerance)
+            if reason != "ok":
+                rejections[reason] += 1
+            elif writer is not None:
+                image = str((index.parent / row["image"]).resolve())
+                writer.write(ColdStartRecord(image=image, prompt=prompt, response=text, mos=mos,
+                                             dataset=str(row.get("dataset", "synthetic")), distortion_type=kind,
+                                             distortion_level=level, teacher_score=score))  # fmt: skip
+    if partial is not None:
+        partial.rename(out_jsonl)
+    kept = len(rows) - sum(rejections.values())
+    teacher = metrics_row(np.asarray(scores), np.asarray([float(r["mos"]) for r in rows]))
+    return {"records": len(rows), "kept": kept, "rejections": rejections, "teacher": teacher}
+
+
+def metrics_row(pred: np.ndarray, mos: np.ndarray) -> dict:
+    """The table's metrics of predicted scores against MOS (NaN predictions are parse failures)."""
+    from qponder_jax.metrics import iqa_metrics
+
+    m = iqa_metrics(pred, mos).as_dict()
+    return {**{k: m[k] for k in ("srcc", "plcc", "krcc", "mae", "parse_failure_rate")}, "images": len(mos)}
 
 
 # ---- the stages ----
@@ -259,14 +288,21 @@ def _data_stage(config, where: Path, _) -> dict:
 
 
 def _cold_start_stage(config, where: Path, outputs) -> dict:
-    d = config.data
-    files = {
-        split: str(write_cold_start(outputs["data"]["splits"][split], where / f"{split}.jsonl", d.prompt_text,
-                                    style=d.response_style))
-        for split in ("train", "validation")
-    }  # fmt: skip
-    first = json.loads(Path(files["train"]).read_text().split("\n", 1)[0])
-    return {"jsonl": files, "example_response": first["response"]}
+    d, t, splits = config.data, config.teacher, outputs["data"]["splits"]
+    kw = dict(style=d.response_style, errors=teacher_errors(config), tolerance=t.tolerance)
+    made = {split: write_cold_start(splits[split], where / f"{split}.jsonl", d.prompt_text, split=split, **kw)
+            for split in ("train", "validation")}  # fmt: skip
+    train = made["train"]
+    test = write_cold_start(splits["test"], None, d.prompt_text, split="test", **kw)["teacher"]
+    rejected = ", ".join(f"{k} {v}" for k, v in train["rejections"].items() if v) or "none"
+    print(f"  [3/7 cold start] kept {train['kept']} of {train['records']} training records, those within "
+          f"{t.tolerance} of the MOS (rejected: {rejected}); the teacher's SRCC on all of them "
+          f"{train['teacher']['srcc']:.3f}, MAE {train['teacher']['mae']:.3f}", flush=True)  # fmt: skip
+    first = json.loads((where / "train.jsonl").read_text().split("\n", 1)[0])
+    return {"jsonl": {split: str(where / f"{split}.jsonl") for split in made}, "example_response": first["response"],
+            "filter": {split: {k: m[k] for k in ("records", "kept", "rejections")} for split, m in made.items()},
+            "teacher": {k: t[k] for k in ("bias", "scale", "center", "noise", "tolerance")},
+            "teacher_train": train["teacher"], "teacher_test": test}  # fmt: skip
 
 
 def _sft_stage(config, where: Path, outputs) -> dict:
@@ -311,6 +347,8 @@ def _grpo_stage(config, where: Path, outputs) -> dict:
     c.grpo.num_generations, c.grpo.max_new_tokens = g.num_generations, g.max_new_tokens
     c.grpo.temperature, c.grpo.beta = g.temperature, g.beta
     c.optim.peak_lr = g.peak_lr
+    c.rewards.accuracy.mode, c.rewards.accuracy.sigma = g.accuracy_mode, g.accuracy_sigma
+    c.rewards.consistency.weight = g.consistency_weight
     c.train.total_steps, c.train.log_every, c.train.sample_every = g.total_steps, g.log_every, g.total_steps
     c.train.checkpoint_every, c.train.progress_bar = g.checkpoint_every, False
     c.lock()
@@ -347,6 +385,7 @@ def _eval_stage(config, where: Path, outputs) -> dict:
         summary = json.loads(report_path.read_text())["datasets"]["synthetic:test"]
         results[name] = {k: summary.get(k) for k in ("srcc", "plcc", "krcc", "mae", "parse_failure_rate", "images")}
         results[name]["report"] = str(report_path)
+    results[TEACHER[0]] = outputs["cold_start"]["teacher_test"]
     print(results_table(results), flush=True)
     return {"results": results}
 
@@ -368,7 +407,7 @@ def _export_stage(config, where: Path, outputs) -> dict:
 STAGES = [
     Stage("model", "build the demo tokenizer and a tiny random Qwen2.5-VL", _model_stage),
     Stage("data", "generate the synthetic IQA set (train / validation / test)", _data_stage),
-    Stage("cold_start", "write cold-start data with the rule-based teacher", _cold_start_stage),
+    Stage("cold_start", "cold-start data: the rule-based teacher's answers near the MOS", _cold_start_stage),
     Stage("sft", "cold-start SFT -> Q-Ponder-CI", _sft_stage),
     Stage("grpo", "GRPO with the Q-Ponder reward -> Q-Ponder", _grpo_stage),
     Stage("eval", "evaluate random / Q-Ponder-CI / Q-Ponder on the test split", _eval_stage),
@@ -387,11 +426,27 @@ def _num(v, pct: bool = False) -> str:
 
 def results_table(results: dict) -> str:
     rows = ["| model | SRCC | PLCC | KRCC | MAE | parse failures |", "|---|---|---|---|---|---|"]
-    for name, label in MODELS:
+    for name, label in (TEACHER, *MODELS):
         r = results.get(name, {})
         rows.append(f"| {label} | {_num(r.get('srcc'))} | {_num(r.get('plcc'))} | {_num(r.get('krcc'))} | "
                     f"{_num(r.get('mae'))} | {_num(r.get('parse_failure_rate'), pct=True)} |")  # fmt: skip
     return "\n".join(rows)
+
+
+def _teacher_note(cold_start: dict) -> list[str]:
+    """What the summary says about the teacher and the filter (older run folders lack these fields)."""
+    t, train = cold_start.get("teacher"), cold_start.get("filter", {}).get("train")
+    if not t or not train:
+        return []
+    text = (
+        "The teacher row is the rule-based teacher's own scores on the same test images. Like an MLLM teacher it "
+        f"errs: it shifts some distortions' scores ({t['bias'] or 'none'}), squeezes them toward {t['center']} (slope "
+        f"{t['scale']}) and adds noise (std {t['noise']}). The cold start keeps its answers within {t['tolerance']} "
+        f"of the MOS ({train['kept']} of {train['records']} training images), so Q-Ponder-CI inherits the errors "
+        "that survive that filter; GRPO's accuracy reward scores every rollout against the MOS itself, so the second "
+        "stage moves the scores of each kind of image toward the truth."
+    )
+    return [*textwrap.wrap(text, 112), ""]
 
 
 def summary(workdir: Path, outputs: dict) -> str:
@@ -409,6 +464,7 @@ def summary(workdir: Path, outputs: dict) -> str:
         "the images are put in exactly the right order, 0 means no relation. PLCC: linear correlation. MAE: mean",
         "absolute error on the 1-5 scale. Parse failures: answers with no readable score (counted, never guessed).",
         "",
+        *_teacher_note(outputs["cold_start"]),
         f"Example reasoning the model was taught: {outputs['cold_start']['example_response']}",
         "",
         "Where things are:",

@@ -8,11 +8,10 @@ The teacher is any local HF-format Qwen2.5-VL folder (or an orbax workdir), load
 through our sampler. It sees the expert prompt (`teacher_prompt`, with the image's MOS as a hint through `{mos}`);
 the JSONL stores the *student* prompt (`student_prompt`), so the student never sees the MOS.
 
-A teacher output is kept when it parses (`rewards.parse.parse_text`): the think/answer format is valid, the answer
-holds exactly `num_ratings` numbers (a mean of them is the score), the reasoning ends with a level word (when
-`require_level`), the score lies in [1, 5] and |score - MOS| <= `tolerance`. Otherwise the image is sampled again,
-`samples_per_round` at a time, up to `max_samples` samples; then it is dropped and counted. Each rejected sample is
-counted by its first failed check.
+A teacher output is kept when it passes the cold-start filter (`data.cold_start_filter.judge`, shared with the demo):
+it parses, holds `num_ratings` numbers, names a level word (when `require_level`), and its score lies in [1, 5] and
+within `tolerance` of the MOS. Otherwise the image is sampled again, `samples_per_round` at a time, up to
+`max_samples` samples; then it is dropped and counted. Each rejected sample is counted by its first failed check.
 
 Outputs in `out_dir`: `cold_start.jsonl` (read directly by the SFT job: `datasets.ColdStartSource`), the kept
 images under `images/`, and `summary.json` (acceptance rates, rejections by reason, examples of rejected outputs).
@@ -34,12 +33,11 @@ import jax
 from absl import logging
 
 from qponder_jax import prompts
+from qponder_jax.data.cold_start_filter import REASONS, judge
 from qponder_jax.data.datasets import ColdStartRecord, ColdStartWriter, decode_image
 from qponder_jax.errors import ConfigError
 from qponder_jax.evaluation import scoring
-from qponder_jax.rewards.parse import parse_text
 
-REASONS = ("format", "answer_count", "no_level", "out_of_range", "tolerance")
 MAX_REJECTED_EXAMPLES = 20
 
 # (records, left-padded prompt batch, samples per record, PRNG key) -> texts [len(records)][samples]
@@ -84,23 +82,6 @@ class DistillSettings:
 
     def teacher_text(self, mos: float) -> str:
         return self.teacher_prompt.format(mos=float(mos))
-
-
-def judge(text: str, mos: float, settings: DistillSettings) -> tuple[str, float]:
-    """("ok" or the first failed check of `REASONS`, the parsed score or NaN)."""
-    parsed = parse_text(text, max_numbers=max(settings.num_ratings, 1))
-    score = scoring.completion_score(parsed.numbers, parsed.count, settings.num_ratings, pad_with_first=False)
-    if not parsed.format_ok:
-        return "format", score
-    if parsed.count != settings.num_ratings:
-        return "answer_count", score
-    if settings.require_level and parsed.level == 0:
-        return "no_level", score
-    if not 1.0 <= score <= 5.0:
-        return "out_of_range", score
-    if abs(score - mos) > settings.tolerance:
-        return "tolerance", score
-    return "ok", score
 
 
 def model_sampler(model, proc, settings: DistillSettings, generate_fn=None) -> TextSampler:
@@ -218,7 +199,13 @@ def _judge_samples(spec, i, record, samples, settings, writer, image_dir, stats)
     """Keeps (writes) the first valid sample of one image; counts the rejected ones before it. True if kept."""
     stats.samples += len(samples)  # drawn, whether or not judged
     for text in samples:
-        reason, score = judge(text, float(record["mos"]), settings)
+        reason, score = judge(
+            text,
+            float(record["mos"]),
+            tolerance=settings.tolerance,
+            num_ratings=settings.num_ratings,
+            require_level=settings.require_level,
+        )
         if reason == "ok":
             if writer is not None:
                 path = save_image(record, i, image_dir)

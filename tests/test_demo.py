@@ -9,9 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from qponder_jax import demo
 from qponder_jax.data.datasets.cold_start import ColdStartSource
+from qponder_jax.data.rule_teacher import TeacherErrors, answer, short_response
 from qponder_jax.rewards.parse import parse_text
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,13 +85,26 @@ def test_progress_lines_get_the_stage_step_of_total_and_time_left():
     assert lines[1].startswith("[4/7 sft] train step 20/100 | loss 0.7500 | ~") and lines[1].endswith(" s left")
     assert lines[2] == "[4/7 sft] some other line"
 
+    out = Out()  # GRPO prints a grpo line and a train line per logged step: each kind estimates from its own first
+    p = demo.Progress(out, "[5/7 grpo]", total_steps=500)
+    p.write("grpo step 50 | loss 0.1 | reward_mean 2.0\ntrain step 50 | loss 0.1\n")
+    p.write("grpo step 100 | loss 0.1 | reward_mean 2.1\ntrain step 100 | loss 0.1\n")
+    lines = out.text.splitlines()
+    assert lines[0] == "[5/7 grpo] grpo step 50/500 | loss 0.1 | reward_mean 2.0 | estimating time left"
+    assert lines[1] == "[5/7 grpo] train step 50/500 | loss 0.1 | estimating time left"
+    assert all(line.endswith(" s left") and "estimating" not in line for line in lines[2:])
+
 
 def test_short_response_names_distortion_severity_and_level_and_parses():
-    text = demo.short_response("blur", 4, 2.1049)
+    text = short_response("blur", 4, 2.1049)
     assert text == "<think>blur, strong; quality poor</think><answer>2.10</answer>"
     parsed = parse_text(text)
     assert parsed.format_ok and parsed.numbers[0] == pytest.approx(2.10) and parsed.level == 2
-    assert demo.short_response("none", 0, 4.9) == "<think>no distortion; quality excellent</think><answer>4.90</answer>"
+    assert short_response("none", 0, 4.9) == "<think>no distortion; quality excellent</think><answer>4.90</answer>"
+    assert (
+        short_response("contrast", 1, 4.9, "good")
+        == "<think>contrast, very slight; quality good</think><answer>4.90</answer>"
+    )
 
 
 def test_dct_patch_kernel_is_an_orthonormal_filter_bank():
@@ -105,13 +120,43 @@ def test_synthetic_split_and_cold_start_go_through_the_cold_start_jsonl_path(tmp
     index = demo.write_synthetic_split(tmp_path / "data", "train", 6, seed=0, min_side=56, max_side=56)
     rows = [json.loads(line) for line in index.read_text().splitlines()]
     assert len(rows) == 6 and all((tmp_path / "data" / r["image"]).is_file() for r in rows)
-    jsonl = demo.write_cold_start(index, tmp_path / "cs" / "train.jsonl", "Rate it.")
-    source = ColdStartSource(jsonl)  # the reader the SFT job uses validates every line and image
+    made = demo.write_cold_start(index, tmp_path / "cs" / "train.jsonl", "Rate it.", split="train")
+    assert (made["records"], made["kept"]) == (6, 6) and made["teacher"]["srcc"] == pytest.approx(1.0)
+    source = ColdStartSource(tmp_path / "cs" / "train.jsonl")  # the reader the SFT job uses validates every line
     assert len(source) == 6 and source.num_skipped == 0
     for row, i in zip(rows, range(6), strict=True):
         record = source[i]
         assert record["prompt"] == "Rate it." and record["mos"] == pytest.approx(row["mos"])
-        assert record["response"] == demo.short_response(row["distortion_type"], row["distortion_level"], row["mos"])
+        assert record["response"] == short_response(row["distortion_type"], row["distortion_level"], row["mos"])
+
+
+def test_cold_start_keeps_only_teacher_answers_within_the_tolerance(tmp_path):
+    index = demo.write_synthetic_split(tmp_path / "data", "train", 40, seed=1, min_side=28, max_side=28,
+                                       distortions="none,brightness,contrast")  # fmt: skip
+    rows = [json.loads(line) for line in index.read_text().splitlines()]
+    errors = TeacherErrors(bias={"contrast": 0.45, "none": -0.3}, scale=0.75, noise=0.2, seed=3)
+    said = [answer(r["distortion_type"], r["distortion_level"], r["mos"], errors=errors, key=(0, i))
+            for i, r in enumerate(rows)]  # fmt: skip
+    near = [abs(a.score - r["mos"]) <= 0.3 for a, r in zip(said, rows, strict=True)]
+    assert 0 < sum(near) < len(rows)  # the setting keeps some and drops some
+
+    made = demo.write_cold_start(index, tmp_path / "train.jsonl", "Rate it.", split="train", errors=errors,
+                                 tolerance=0.3)  # fmt: skip
+    assert made["kept"] == sum(near) and made["rejections"]["tolerance"] == len(rows) - sum(near)
+    source = ColdStartSource(tmp_path / "train.jsonl")
+    kept = [(r, a) for r, a, ok in zip(rows, said, near, strict=True) if ok]
+    assert len(source) == len(kept)
+    for i, (row, a) in enumerate(kept):
+        assert source[i]["response"] == short_response(row["distortion_type"], a.severity, a.score, a.word)
+        assert source[i]["teacher_score"] == pytest.approx(a.score)
+    scores = np.array([a.score for a in said])
+    mos = np.array([r["mos"] for r in rows])
+    assert made["teacher"]["srcc"] == pytest.approx(stats.spearmanr(scores, mos)[0])  # on all records, not the kept
+    assert made["teacher"]["mae"] == pytest.approx(np.abs(scores - mos).mean())
+
+    table = demo.results_table({"teacher": made["teacher"], "qponder": {"srcc": 0.9, "parse_failure_rate": 0.0}})
+    assert table.splitlines()[2].startswith(f"| rule-based teacher (its scores) | {made['teacher']['srcc']:.3f} |")
+    assert table.splitlines()[-1].startswith("| Q-Ponder (SFT + GRPO) | 0.900 |")
 
 
 def _cli(workdir: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -138,20 +183,27 @@ def demo_run(tmp_path_factory):
 def test_demo_runs_every_stage_and_a_rerun_reports_complete(demo_run):
     workdir, first, second, markers = demo_run
     assert len(markers) == 7 and "[stage 7/7]" in first.stdout and "Q-Ponder (SFT + GRPO)" in first.stdout
+    assert "| rule-based teacher (its scores) |" in first.stdout and "The teacher row is" in first.stdout
     assert (workdir / "7_export" / "hf" / "model.safetensors").is_file()
     results = json.loads((workdir / "6_eval" / demo.DONE).read_text())["results"]
-    assert set(results) == {"random", "qponder_ci", "qponder"}
+    assert set(results) == {"teacher", "random", "qponder_ci", "qponder"}
     assert "is complete" in second.stdout and second.stdout.count("already done") == 7
     assert {p: p.stat().st_mtime_ns for p in workdir.glob(f"*/{demo.DONE}")} == markers  # nothing ran again
 
 
 @pytest.mark.slow
-def test_demo_quality_qponder_srcc_at_least_080_and_grpo_does_not_lower_it(demo_run):
-    results = json.loads((demo_run[0] / "6_eval" / demo.DONE).read_text())["results"]
-    ci, qp = results["qponder_ci"]["srcc"], results["qponder"]["srcc"]
-    assert qp >= 0.80, results
-    assert qp >= ci - 0.01, results  # GRPO does not lower the cold start's SRCC (0.01: greedy-decode ties)
-    assert results["qponder"]["parse_failure_rate"] <= 0.05, results
+def test_demo_quality_grpo_lifts_the_cold_start_from_an_imperfect_teacher(demo_run):
+    workdir, first = demo_run[0], demo_run[1]
+    results = json.loads((workdir / "6_eval" / demo.DONE).read_text())["results"]
+    teacher, ci, qp = results["teacher"], results["qponder_ci"], results["qponder"]
+    kept = json.loads((workdir / "3_cold_start" / demo.DONE).read_text())["filter"]["train"]
+    assert 0.5 * kept["records"] < kept["kept"] < kept["records"], kept  # the MOS filter dropped some, not most
+    assert f"kept {kept['kept']} of {kept['records']} training records" in first.stdout
+    assert 0.65 <= teacher["srcc"] <= 0.85, results  # an MLLM-like teacher, not the exact MOS
+    assert qp["srcc"] >= 0.80, results
+    assert qp["srcc"] >= ci["srcc"] + 0.03, results  # the second stage adds what the teacher could not give
+    assert qp["mae"] < ci["mae"], results
+    assert qp["parse_failure_rate"] <= 0.05, results
 
 
 @pytest.mark.slow

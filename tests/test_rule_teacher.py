@@ -2,6 +2,7 @@
 
 import re
 
+import numpy as np
 import pytest
 
 from qponder_jax import prompts
@@ -65,3 +66,52 @@ def test_written_jsonl_reads_back_and_is_reused(tmp_path):
     assert path.stat().st_mtime_ns == mtime  # same settings: reused, not rewritten
     write_synthetic_cold_start(tmp_path, "train", 5, seed=3, min_side=28, max_side=40)
     assert len(ColdStartSource(path)) == 5  # new settings: rewritten
+
+
+def test_teacher_errors_default_is_exact_and_each_error_does_what_it_says():
+    from qponder_jax.data.rule_teacher import Answer, TeacherErrors, answer
+
+    assert answer("contrast", 3, 3.456, key=(0, 1)) == Answer(3.46, 3, "good")  # no errors: the MOS itself
+    biased = TeacherErrors(bias={"contrast": 0.4, "none": -0.3}, scale=0.5, center=3.0)
+    assert answer("contrast", 3, 2.0, errors=biased).score == pytest.approx(3.0 + 0.5 * (2.0 - 3.0) + 0.4)
+    assert answer("brightness", 3, 2.0, errors=biased).score == pytest.approx(2.5)  # no bias for this type
+    assert answer("none", 0, 5.0, errors=biased).score == pytest.approx(3.7)
+    assert answer("contrast", 1, 4.9, errors=TeacherErrors(bias={"contrast": 0.4})).score == 5.0  # clipped to [1, 5]
+
+    noisy = TeacherErrors(bias={"contrast": 0.3}, noise=0.2, seed=7)
+    errors = np.array([answer("contrast", 2, 3.0, errors=noisy, key=(0, i)).score - 3.0 for i in range(2000)])
+    assert errors.mean() == pytest.approx(0.3, abs=0.02)  # systematic: averaging keeps the bias
+    assert errors.std() == pytest.approx(0.2, abs=0.02)  # plus per-image noise
+    assert answer("contrast", 2, 3.0, errors=noisy, key=(0, 5)) == answer("contrast", 2, 3.0, errors=noisy, key=(0, 5))
+    assert answer("contrast", 2, 3.0, errors=noisy, key=(2, 5)) != answer("contrast", 2, 3.0, errors=noisy, key=(0, 5))
+
+    always = TeacherErrors(severity_error=1.0, level_error=1.0)
+    for i in range(50):
+        for level in range(1, 6):
+            said = answer("blur", level, 2.345, errors=always, key=(0, i))
+            assert abs(said.severity - level) == 1 and 1 <= said.severity <= 5
+            assert abs(prompts.LEVELS.index(said.word) - prompts.LEVELS.index("poor")) == 1
+            assert said.score == 2.35  # wrong words, same score
+    assert answer("none", 0, 4.9, errors=always).severity == 0  # a pristine image has no severity to get wrong
+
+
+def test_respond_writes_what_the_teacher_says_and_bad_settings_fail_clearly():
+    from qponder_jax.data.rule_teacher import TeacherErrors, parse_bias, respond, short_response
+
+    errors = TeacherErrors(bias={"contrast": 0.5}, severity_error=1.0, level_error=1.0)
+    text, said = respond("contrast", 2, 3.0, errors=errors, style="short")
+    assert text == short_response("contrast", said.severity, 3.5, said.word)
+    assert _parse(text) == (said.word, 3.5) and said.word != "good" and SEVERITY[said.severity - 1] in text
+    long_text, _ = respond("contrast", 2, 3.0, errors=errors, style="long")
+    assert _parse(long_text) == (said.word, 3.5) and f"level {said.severity} of 5" in long_text
+
+    assert parse_bias("contrast:+0.45, brightness:-0.25,") == {"contrast": 0.45, "brightness": -0.25}
+    assert parse_bias("") == {}
+    with pytest.raises(ValueError, match="'type:shift' items"):
+        parse_bias("contrast+0.4")
+    with pytest.raises(ValueError, match=r"unknown distortion types \['smudge'\]"):
+        TeacherErrors(bias={"smudge": 0.1})
+    with pytest.raises(ValueError, match="level_error=1.5 is not a probability"):
+        TeacherErrors(level_error=1.5)
+    with pytest.raises(ValueError, match="response style 'medium'"):
+        respond("blur", 1, 3.0, style="medium")
