@@ -8,3 +8,16 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+from absl import logging as absl_logging  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _keep_absl_verbosity():
+    """Jobs called in-process (the demo, qponder-score) lower absl's verbosity for their own output; restore it so a
+    later test's warnings still reach caplog."""
+    verbosity = absl_logging.get_verbosity()
+    yield
+    absl_logging.set_verbosity(verbosity)

@@ -307,11 +307,10 @@ def test_eval_job_notes_follow_the_datasets_and_list_build_skips(tiny, tmp_path,
 def test_type_named_reads_the_rule_teachers_wording(style):
     """Every distortion and level the rule teacher writes (the demo's short label `contrast, slight; ...` and the long
     reasoning) names its type and nothing else; aspect nouns in ordinary descriptions still name nothing."""
-    from qponder_jax import demo
     from qponder_jax.data.datasets.synthetic import DISTORTIONS
-    from qponder_jax.data.rule_teacher import response_for
+    from qponder_jax.data.rule_teacher import response_for, short_response
 
-    write = demo.short_response if style == "short" else response_for
+    write = short_response if style == "short" else response_for
     for kind in DISTORTIONS[1:]:
         for level in range(1, 6):
             check = descriptions.check_response(write(kind, level, 2.5), "synthetic", kind, 2.5, 2)
