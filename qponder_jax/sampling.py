@@ -16,10 +16,17 @@ N = B * num_samples; rows b*n .. b*n+n-1 are prompt b's samples. `batch` is enco
   GRPO's first importance ratio is exactly 1. With top-k / top-p the token was drawn from the renormalized nucleus,
   whose log-prob is higher by -log(kept mass).
 - Draws: `categorical`, inverse transform sampling with two uniforms per row (not V Gumbel draws).
+- Layout: the weights are cast to the compute dtype and resharded ONCE per call, before the prefill, into the layout
+  `layout` names (`model.sharding.LAYOUTS`): "decode" keeps the decoder's weights stationary (whole within a
+  data-parallel group, split only over 'tensor') and splits the rows over 'data' x 'fsdp', so a decode step moves
+  only activations; "train" decodes on the training shardings (FSDP: every step all-gathers every layer's weights).
+  "auto" (the default) picks "decode" when its weights fit `sharding.DECODE_BUDGET_BYTES` per device. The vision
+  tower runs once per call, in the prefill, and stays where it is. Same tokens either way (tested).
 - Compilation: `_prefill` and `_decode` are module-level jitted functions whose cache is keyed by the model's graphdef,
-  the static `SamplingConfig` and the input shapes/shardings; prompts, weights, keys and stop ids are traced inputs, so
-  repeated calls with the same shapes do not recompile (`TRACES` counts traces). Called alone, `_decode` takes the
-  cache donated; `generate` runs both inside one executable (`_generate`), the GRPO step inside its own jit.
+  the static `SamplingConfig`, the layout and the input shapes/shardings; prompts, weights, keys and stop ids are
+  traced inputs, so repeated calls with the same shapes do not recompile (`TRACES` counts traces). Called alone,
+  `_decode` takes the cache donated; `generate` runs both inside one executable (`_generate`), the GRPO step inside
+  its own jit.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ from qponder_jax.model.qwen2_5_vl import Qwen25VL, check_batch
 from qponder_jax.model.text import KVCache
 
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) of the jitted pieces, for tests
+# where the once-per-call cast and reshard sit in the compiled program's op metadata (`benchmarks.hlo` reads it); the
+# prefill and the decode loop appear there as jit(_prefill) and jit(_decode)
+RESHARD_SCOPE = "sampler_reshard"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,10 +169,16 @@ def first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig) -> DecodeState:
-    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"))
+def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig, layout: str = "train") -> DecodeState:
+    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times; traced under the
+    rules of `layout` ("train" or "decode", the layout `params` are in)."""
     TRACES["prefill"] += 1
+    with sharding.use_rules(sharding.LAYOUTS[layout]):
+        return _prefill_body(graphdef, params, batch, rng, config)
+
+
+def _prefill_body(graphdef, params, batch: Batch, rng, config: SamplingConfig) -> DecodeState:
     model: Qwen25VL = nnx.merge(graphdef, params)
     b, t = batch.input_ids.shape
     n, steps = config.num_samples, config.max_new_tokens
@@ -184,14 +200,19 @@ def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig) -> 
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"), donate_argnames=("state",))
 def _decode(
-    graphdef, params, state: DecodeState, stop_ids: jax.Array, *, config: SamplingConfig
+    graphdef, params, state: DecodeState, stop_ids: jax.Array, *, config: SamplingConfig, layout: str = "train"
 ) -> tuple[DecodeState, jax.Array]:
     """The decode loop: sample a token per row, record it, feed it back; until max_new_tokens or all rows done.
-    stop_ids [S] int32 (-1 entries match nothing). Returns the final state (its cache aliases the donated one) and
-    the completion mask [N, L]."""
+    stop_ids [S] int32 (-1 entries match nothing); traced under the rules of `layout`. Returns the final state (its
+    cache aliases the donated one) and the completion mask [N, L]."""
     TRACES["decode"] += 1
+    with sharding.use_rules(sharding.LAYOUTS[layout]):
+        return _decode_loop(graphdef, params, state, stop_ids, config)
+
+
+def _decode_loop(graphdef, params, state: DecodeState, stop_ids: jax.Array, config: SamplingConfig):
     model: Qwen25VL = nnx.merge(graphdef, params)
 
     def cond(s: DecodeState):
@@ -222,14 +243,30 @@ def _decode(
 
 
 def sample(
-    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig
+    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig, layout: str = "auto"
 ) -> tuple[DecodeState, jax.Array]:
     """Prefill then the decode loop, traceable: callable inside another jitted function (the GRPO step), where
-    both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing). Returns the final
-    decode state (tokens, log-probs, lengths) and the completion mask [N, L]."""
+    both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing); layout "auto",
+    "decode" or "train" (see the module docstring). Returns the final decode state (tokens, log-probs, lengths)
+    and the completion mask [N, L]."""
+    with jax.named_scope(RESHARD_SCOPE):
+        params, layout = decode_params(graphdef, params, layout)
+    state = _prefill(graphdef, params, batch, rng, config=config, layout=layout)
+    return _decode(graphdef, params, state, stop_ids, config=config, layout=layout)
+
+
+def decode_params(graphdef, params: nnx.State, layout: str = "auto") -> tuple[nnx.State, str]:
+    """(params cast to the compute dtype and, in the decode layout, the decoder's weights resharded into it; the
+    layout chosen, "train" or "decode"), inside a traced function on the current mesh. The cast comes first, so with
+    a bf16 compute dtype no weight moves in fp32. The vision tower (`visual`) keeps its layout: it runs once, in the
+    prefill."""
     params = in_compute_dtype(params, nnx.merge(graphdef, params).dtype)
-    state = _prefill(graphdef, params, batch, rng, config=config)
-    return _decode(graphdef, params, state, stop_ids, config=config)
+    decoder = nnx.State({k: v for k, v in params.items() if k != "visual"})
+    mesh = jax.sharding.get_abstract_mesh()
+    layout = sharding.choose_layout(layout, decoder, None if mesh.empty else mesh)
+    if layout == "decode":
+        params = nnx.State({**params, **sharding.reshard_state(decoder, sharding.DECODE_RULES)})
+    return params, layout
 
 
 def in_compute_dtype(params, dtype):
@@ -250,10 +287,12 @@ def in_compute_dtype(params, dtype):
     return jax.tree.map(cast, params)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig) -> SampleOutput:
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"))
+def _generate(
+    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig, layout: str = "auto"
+) -> SampleOutput:
     """`sample` as one executable: one dispatch per `generate` call, and only its outputs leave it."""
-    state, mask = sample(graphdef, params, batch, rng, stop_ids, config=config)
+    state, mask = sample(graphdef, params, batch, rng, stop_ids, config=config, layout=layout)
     return SampleOutput(state.tokens, state.logprobs, state.lengths, mask, state.step)
 
 
@@ -269,12 +308,14 @@ def generate(
     *,
     stop_ids=None,
     pad_id: int | None = None,
+    layout: str = "auto",
 ) -> SampleOutput:
     """Samples `num_samples` completions of every prompt of a left-padded `batch` (see the module docstring).
 
     stop_ids: token ids that end a row (default: the model config's eos_token_id; `()` for none). pad_id: the token
     emitted after a row is done (default: the config's pad_token_id, else 0). rng: a PRNG key or an int seed; needed
-    when temperature > 0. Runs on the mesh of the model's parameters; nothing is copied back to the host.
+    when temperature > 0. layout: "auto", "decode" or "train", the weights' layout while decoding (module
+    docstring). Runs on the mesh of the model's parameters; nothing is copied back to the host.
     """
     config = SamplingConfig(
         max_new_tokens=int(max_new_tokens),
@@ -285,6 +326,8 @@ def generate(
         pad_id=int(pad_id if pad_id is not None else (model.config.text.pad_token_id or 0)),
     )
     _check_settings(config, rng)
+    if layout not in sharding.LAYOUT_CHOICES:
+        raise ValueError(f"generate: layout {layout!r} is not one of {sharding.LAYOUT_CHOICES}")
     if isinstance(batch.input_ids, np.ndarray):
         _check_left_padded(batch)
         check_batch(batch, model.config)
@@ -296,7 +339,7 @@ def generate(
     mesh = _mesh_of(params)
     batch = _place(batch, mesh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _generate(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config)
+        return _generate(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config, layout=layout)
 
 
 def completion_batch(batch: Batch, out: SampleOutput, num_samples: int = 1) -> Batch:

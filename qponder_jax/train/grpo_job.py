@@ -59,6 +59,7 @@ def settings_from_config(config, *, stop_ids: tuple[int, ...], pad_id: int) -> G
             num_iterations=int(g.num_iterations),
             num_minibatches=int(g.num_minibatches),
             share_prompts=bool(g.get("share_prompts", True)),
+            sampling_layout=str(config.get("sampling_layout", "auto")),
             advantage_std=str(g.advantage_std),
             advantage_eps=float(g.advantage_eps),
             score_numbers=int(g.score_numbers),
