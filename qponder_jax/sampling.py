@@ -265,6 +265,9 @@ def decode_params(graphdef, params: nnx.State, layout: str = "auto") -> tuple[nn
     mesh = jax.sharding.get_abstract_mesh()
     layout = sharding.choose_layout(layout, decoder, None if mesh.empty else mesh)
     if layout == "decode":
+        # pinned to the training layout first: the cast then runs on each device's shard and the all-gathers move
+        # the compute dtype (XLA would otherwise gather the fp32 weights and cast the whole copy)
+        decoder = sharding.reshard_state(decoder, sharding.LOGICAL_RULES)
         params = nnx.State({**params, **sharding.reshard_state(decoder, sharding.DECODE_RULES)})
     return params, layout
 

@@ -258,3 +258,42 @@ def test_tiny_configs_decode_without_gathering_weights(embedded_config):
           f"{text_bytes} B of decoder weights")  # fmt: skip
     assert grpo_gathered <= 0.05 * text_bytes
     assert eval_gathered <= 0.05 * text_bytes
+
+
+# ---- the update's chunked LM head on a mesh with a 'tensor' axis (the 3b / 7b meshes) ----
+def test_chunked_head_on_a_tensor_axis_equals_dense_and_splits_the_flops():
+    """Vocab 200 split over a tensor axis of 4 (50 columns per shard, blocks of 16 per shard: padded), tokens on the
+    shard boundaries: the same log-probs, entropies and gradients as dense logits, and per device the compiled
+    matmuls do the FLOPs of the (1, 8, 1) mesh, not 4x (each device multiplies only its own head columns)."""
+    from qponder_jax.train import grpo_loss as gl
+
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((8, 5, 16)).astype(np.float32)  # [N, L, D]
+    w = rng.standard_normal((16, 200)).astype(np.float32)  # [D, V]
+    tokens = rng.integers(0, 200, (8, 5)).astype(np.int32)
+    tokens[:, :4] = [49, 50, 100, 199]  # the last column of shard 0, the first of shards 1 and 2, the last one
+    weights = rng.standard_normal((8, 5)).astype(np.float32)
+
+    def dense(h, w):
+        logits = jnp.einsum("nld,dv->nlv", h, w)
+        return gl.token_logprobs(logits, tokens, 0.7), gl.token_entropy(logits, 0.7)
+
+    def chunked(h, w):
+        return gl.chunked_token_logprobs(h, w, jnp.asarray(tokens), 0.7, chunk=64)
+
+    want = dense(hidden, w), jax.grad(lambda h, w: jnp.sum(dense(h, w)[0] * weights), argnums=(0, 1))(hidden, w)
+    flops = {}
+    for shape in ((1, 8, 1), (1, 2, 4)):
+        mesh = sharding.make_mesh(shape)
+        h = jax.device_put(hidden, sharding.logical_sharding(("batch", None, None), hidden.shape, mesh))
+        head = jax.device_put(w, sharding.logical_sharding(("embed", "vocab"), w.shape, mesh))
+        with jax.set_mesh(mesh):
+            fn = jax.jit(lambda h, w: (chunked(h, w), jax.grad(lambda h, w: jnp.sum(chunked(h, w)[0] * weights),
+                                                                argnums=(0, 1))(h, w)))  # fmt: skip
+            compiled = fn.lower(h, head).compile()
+            got = jax.device_get(compiled(h, head))
+        flops[shape] = hlo.cost(hlo.parse(compiled.as_text())).flops
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(a, b, atol=2e-5, err_msg=str(shape))
+    print(f"per-device matmul FLOPs: {flops}")
+    assert flops[(1, 2, 4)] <= 1.1 * flops[(1, 8, 1)]

@@ -184,12 +184,13 @@ class Cost:
     collectives: dict[str, float] = dataclasses.field(default_factory=dict)  # kind -> bytes of the arrays moved
     by_dtype: dict[str, float] = dataclasses.field(default_factory=dict)  # "kind element-type" -> bytes
     wire: dict[str, float] = dataclasses.field(default_factory=dict)  # kind -> bytes received per device (ring)
+    by_group: dict[str, float] = dataclasses.field(default_factory=dict)  # devices per group (str) -> wire bytes
 
     def add(self, other: Cost, times: float = 1.0) -> None:
         self.flops += other.flops * times
         self.hbm_bytes += other.hbm_bytes * times
         for mine, theirs in ((self.collectives, other.collectives), (self.by_dtype, other.by_dtype),
-                             (self.wire, other.wire)):  # fmt: skip
+                             (self.wire, other.wire), (self.by_group, other.by_group)):  # fmt: skip
             for k, v in theirs.items():
                 mine[k] = mine.get(k, 0.0) + v * times
 
@@ -231,7 +232,7 @@ def group_size(ins: Instruction, num_partitions: int) -> int:
     return num_partitions
 
 
-def _collective(ins: Instruction, comp: Computation, num_partitions: int) -> Cost | None:
+def _collective(module: Module, ins: Instruction, comp: Computation) -> Cost | None:
     kind = next((k for k in COLLECTIVES if ins.opcode in (k, f"{k}-start")), None)
     if kind is None:
         return None
@@ -240,10 +241,37 @@ def _collective(ins: Instruction, comp: Computation, num_partitions: int) -> Cos
     moved = shape_bytes(ins.shape) if kind == "all-gather" else operand_bytes
     if kind == "all-gather" and ins.opcode.endswith("-start"):  # (operand, result) tuple
         moved = shape_bytes(ins.shape) - operand_bytes
-    n = max(group_size(ins, num_partitions), 1)
-    wire = moved * (n - 1) / n * (2 if kind == "all-reduce" else 1) if kind != "collective-permute" else moved
     dtype = (array_shapes(operands[0]) or [("?", ())])[0][0] if operands else "?"
-    return Cost(collectives={kind: moved}, by_dtype={f"{kind} {dtype}": moved}, wire={kind: wire})
+    narrow = _widened_from(module, comp, comp.by_name.get(ins.operands[0])) if ins.operands else None
+    if narrow is not None:  # XLA:CPU widens narrow collectives to f32; an accelerator moves the narrow type
+        moved *= ELEMENT_BYTES[narrow] / ELEMENT_BYTES[dtype]
+        dtype = narrow
+    n = max(group_size(ins, module.num_partitions), 1)
+    wire = moved * (n - 1) / n * (2 if kind == "all-reduce" else 1) if kind != "collective-permute" else moved
+    return Cost(
+        collectives={kind: moved}, by_dtype={f"{kind} {dtype}": moved}, wire={kind: wire}, by_group={str(n): wire}
+    )
+
+
+def _widened_from(module: Module, caller: Computation, producer: Instruction | None) -> str | None:
+    """The narrower float type a collective's f32 operand was just widened from (a convert, or a fusion ending in
+    one, of a bf16 / f16 value, possibly followed by layout changes), else None."""
+    if producer is None or not producer.shape.startswith("f32"):
+        return None
+    comp, root = caller, producer
+    if producer.opcode == "fusion":
+        comp = module.computations[producer.attr_computations("calls")[0]]
+        root = comp.root
+    while (
+        root.opcode in ("copy", "bitcast", "transpose", "reshape")
+        and root.operands[:1]
+        and root.operands[0] in comp.by_name
+    ):
+        root = comp.by_name[root.operands[0]]  # layout changes of the widened value
+    if root.opcode != "convert" or not root.operands or root.operands[0] not in comp.by_name:
+        return None
+    narrow = (array_shapes(comp.by_name[root.operands[0]].shape) or [("?", ())])[0][0]
+    return narrow if narrow in ("bf16", "f16") else None
 
 
 def _dot_flops(ins: Instruction, comp: Computation) -> float:
@@ -399,7 +427,7 @@ def _walk(module: Module, comp: Computation, times: float, phase: str, phase_of,
             for name in ins.attr_computations("to_apply") + ins.attr_computations("calls"):
                 _walk(module, module.computations[name], times, here, phase_of, out, stack)
         else:
-            collective = _collective(ins, comp, module.num_partitions)
+            collective = _collective(module, ins, comp)
             if collective is not None:
                 acc.add(collective, times)
             acc.hbm_bytes += _traffic(module, ins, comp) * times
@@ -410,16 +438,16 @@ def _walk(module: Module, comp: Computation, times: float, phase: str, phase_of,
 
 
 def _phases(comp: Computation, phase_of) -> dict[str, str]:
-    """Each instruction's phase from its metadata; one without (made by a compiler pass) takes its operands' phase,
-    else its users'."""
+    """Each instruction's phase from its metadata; one without (made by a compiler pass) takes its users' phase, else
+    its operands'."""
     phases = {ins.name: phase_of(ins.op_name) for ins in comp.instructions}
-    for ins in comp.instructions:
-        if not phases[ins.name]:
-            phases[ins.name] = next((phases[o] for o in ins.operands if phases.get(o)), "")
     users = _users(comp)
     for ins in reversed(comp.instructions):
         if not phases[ins.name]:
             phases[ins.name] = next((phases[u.name] for u in users.get(ins.name, []) if phases[u.name]), "")
+    for ins in comp.instructions:
+        if not phases[ins.name]:
+            phases[ins.name] = next((phases[o] for o in ins.operands if phases.get(o)), "")
     return phases
 
 

@@ -213,6 +213,16 @@ def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Mod
     return nnx.merge(graphdef, state)
 
 
+def dim_shards(axes: Sequence[str | None], shape: Sequence[int], dim: int) -> int:
+    """How many ways the active rules split dimension `dim` of a tensor named `axes` on the current mesh (1 outside a
+    mesh context)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty:
+        return 1
+    entry = logical_to_spec(axes, shape, mesh)[dim]
+    return int(np.prod([mesh.shape[ax] for ax in ((entry,) if isinstance(entry, str) else (entry or ()))]))
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names under the active rules; a no-op outside a mesh context or on a trivial
     mesh."""
