@@ -13,12 +13,16 @@ body once, whatever its trip count, which is why this reader exists.
 What is counted:
 - FLOPs: 2 x M x N x K of every `dot` (and cuBLAS gemm custom call) and convolution, fused or not: matmul FLOPs only.
 - HBM bytes: every top-level instruction (a fusion is one kernel) reads its operands and writes its result once,
-  as XLA's cost analysis counts them; a fusion operand read only through (dynamic-)slices counts the slices, and an
-  in-place dynamic-update-slice (the KV cache write) counts the update, not the buffer. A model of traffic, not a
-  measurement; XLA:CPU fuses differently from XLA:GPU/TPU.
-- Collectives: bytes of the array each moves (all-gather: its result; reduce-scatter: its operand; all-reduce,
-  all-to-all, collective-permute: the operand), by kind and element type, and `wire`: bytes each device receives
-  over the interconnect with ring algorithms on a group of n devices ((n-1)/n of the array, twice for all-reduce).
+  as XLA's cost analysis counts them; a fusion operand read only through (dynamic-)slices or gathers counts what
+  they read, and an in-place dynamic-update-slice (the KV cache write) counts the update, not the buffer. XLA:CPU
+  has no bf16 GEMM, so it widens bf16 weights to f32 before every matmul; such a convert counts nothing and its
+  matmul reads the bf16 value, as on an accelerator. A model of traffic, not a measurement: XLA:CPU fuses
+  differently from XLA:GPU/TPU.
+- Collectives: `collectives` and `by_dtype` are the bytes of the arrays the compiled program moves (all-gather: its
+  result; reduce-scatter: its operand; all-reduce, all-to-all, collective-permute: the operand) by kind, and by kind
+  and the values' type ("bf16 (as f32)": XLA:CPU has no bf16 collectives and widens them). `wire` and `by_group`
+  are the bytes each device receives over the interconnect with ring algorithms on a group of n devices ((n-1)/n of
+  the array, twice for an all-reduce), at the values' own width: what an accelerator moves.
 """
 
 from __future__ import annotations
@@ -243,11 +247,12 @@ def _collective(module: Module, ins: Instruction, comp: Computation) -> Cost | N
         moved = shape_bytes(ins.shape) - operand_bytes
     dtype = (array_shapes(operands[0]) or [("?", ())])[0][0] if operands else "?"
     narrow = _widened_from(module, comp, comp.by_name.get(ins.operands[0])) if ins.operands else None
+    on_wire = moved
     if narrow is not None:  # XLA:CPU widens narrow collectives to f32; an accelerator moves the narrow type
-        moved *= ELEMENT_BYTES[narrow] / ELEMENT_BYTES[dtype]
-        dtype = narrow
+        on_wire = moved * ELEMENT_BYTES[narrow] / ELEMENT_BYTES[dtype]
+        dtype = f"{narrow} (as {dtype})"
     n = max(group_size(ins, module.num_partitions), 1)
-    wire = moved * (n - 1) / n * (2 if kind == "all-reduce" else 1) if kind != "collective-permute" else moved
+    wire = on_wire * (n - 1) / n * (2 if kind == "all-reduce" else 1) if kind != "collective-permute" else on_wire
     return Cost(
         collectives={kind: moved}, by_dtype={f"{kind} {dtype}": moved}, wire={kind: wire}, by_group={str(n): wire}
     )
@@ -335,9 +340,9 @@ def _users(comp: Computation) -> dict[str, list[Instruction]]:
     return users
 
 
-def _fusion_bytes(module: Module, ins: Instruction, comp: Computation) -> float:
-    """HBM bytes of one fusion: its operands (only the slices read of an operand that is only sliced) and its
-    result (only the update of an in-place dynamic-update-slice)."""
+def _fusion_bytes(module: Module, ins: Instruction, size: Callable[[str], float]) -> float:
+    """HBM bytes of one fusion: its operands (only what is read of an operand that is only sliced or gathered from)
+    and its result (only the update of an in-place dynamic-update-slice)."""
     fused = module.computations[ins.attr_computations("calls")[0]]
     users = _users(fused)
     params = {int(f.args): f for f in fused.instructions if f.opcode == "parameter" and f.args.strip().isdigit()}
@@ -353,28 +358,67 @@ def _fusion_bytes(module: Module, ins: Instruction, comp: Computation) -> float:
             update = fused.by_name.get(r.operands[1])
             total -= shape_bytes(r.shape) - (shape_bytes(update.shape) if update else 0.0)
     for index, operand in enumerate(ins.operands):
-        size = shape_bytes(comp.by_name[operand].shape) if operand in comp.by_name else 0.0
         param = params.get(index)
         if param is not None and param.name in in_place:
             continue
+        read = size(operand)
         readers = users.get(param.name, []) if param is not None else []
-        if readers and all(r.opcode in ("slice", "dynamic-slice") for r in readers):
-            size = min(size, sum(shape_bytes(r.shape) for r in readers))
-        total += size
+        if readers and all(_reads_part(r, param.name) for r in readers):
+            read = min(read, sum(shape_bytes(r.shape) for r in readers))
+        total += read
     return max(total, 0.0)
 
 
-def _traffic(module: Module, ins: Instruction, comp: Computation) -> float:
-    """HBM bytes one execution of a top-level instruction reads and writes."""
-    if ins.opcode in _NO_TRAFFIC or ins.opcode.endswith("-done"):
+def _reads_part(reader: Instruction, operand: str) -> bool:
+    """Whether `reader` reads only part of `operand`: a (dynamic-)slice of it, or a gather from it."""
+    gather = reader.opcode == "gather" and reader.operands[:1] == [operand]
+    return gather or reader.opcode in ("slice", "dynamic-slice")
+
+
+def _traffic(module: Module, ins: Instruction, comp: Computation, widened: dict[str, float]) -> float:
+    """HBM bytes one execution of a top-level instruction reads and writes; an XLA:CPU widening convert (`widened`)
+    moves nothing and its consumers read the narrow value."""
+    if ins.opcode in _NO_TRAFFIC or ins.opcode.endswith("-done") or ins.name in widened:
         return 0.0
+    size = lambda o: shape_bytes(comp.by_name[o].shape) * widened.get(o, 1.0) if o in comp.by_name else 0.0
     if ins.opcode == "fusion":
-        return _fusion_bytes(module, ins, comp)
-    if ins.opcode in ("slice", "dynamic-slice"):
+        return _fusion_bytes(module, ins, size)
+    if ins.opcode in ("slice", "dynamic-slice", "gather"):
         return 2 * shape_bytes(ins.shape)
-    if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1 and ins.operands[1] in comp.by_name:
-        return 2 * shape_bytes(comp.by_name[ins.operands[1]].shape)
-    return shape_bytes(ins.shape) + sum(shape_bytes(comp.by_name[o].shape) for o in ins.operands if o in comp.by_name)
+    if ins.opcode == "dynamic-update-slice" and len(ins.operands) > 1:
+        return 2 * size(ins.operands[1])
+    return shape_bytes(ins.shape) + sum(size(o) for o in ins.operands)
+
+
+def _widenings(module: Module, comp: Computation) -> dict[str, float]:
+    """{name: narrow / f32 size} of the instructions that only widen a bf16 / f16 value to f32 for matmuls: XLA:CPU
+    has no bf16 GEMM and converts the weights at every use (every decode step); an accelerator reads them narrow."""
+    users = _users(comp)
+    out = {}
+    for ins in comp.instructions:
+        if ins.opcode not in ("convert", "fusion") or not ins.shape.startswith("f32"):
+            continue
+        if ins.opcode == "fusion":
+            fused = module.computations[ins.attr_computations("calls")[0]]
+            if not {i.opcode for i in fused.instructions} <= {"parameter", "convert", "copy", "bitcast", "transpose"}:
+                continue
+            narrow = _widened_from(module, comp, ins)
+        else:
+            source = comp.by_name.get(ins.operands[0]) if ins.operands else None
+            narrow = (array_shapes(source.shape) or [("?", ())])[0][0] if source is not None else None
+        readers = users.get(ins.name, [])
+        if narrow in ("bf16", "f16") and readers and all(_multiplies(module, r) for r in readers):
+            out[ins.name] = ELEMENT_BYTES[narrow] / ELEMENT_BYTES["f32"]
+    return out
+
+
+def _multiplies(module: Module, ins: Instruction) -> bool:
+    if ins.opcode in ("dot", "convolution"):
+        return True
+    if ins.opcode == "fusion":
+        fused = module.computations[ins.attr_computations("calls")[0]]
+        return any(i.opcode in ("dot", "convolution") for i in fused.instructions)
+    return False
 
 
 def cost(module: Module, computation: str | None = None, times: float = 1.0) -> Cost:
@@ -401,6 +445,7 @@ def _walk(module: Module, comp: Computation, times: float, phase: str, phase_of,
         return
     stack = stack | {comp.name}
     phases = {} if phase == DECODE_STEP else _phases(comp, phase_of)
+    widened = _widenings(module, comp)
     for ins in comp.instructions:
         here = phases.get(ins.name) or phase
         acc = out.setdefault(here, Cost())
@@ -430,7 +475,7 @@ def _walk(module: Module, comp: Computation, times: float, phase: str, phase_of,
             collective = _collective(module, ins, comp)
             if collective is not None:
                 acc.add(collective, times)
-            acc.hbm_bytes += _traffic(module, ins, comp) * times
+            acc.hbm_bytes += _traffic(module, ins, comp, widened) * times
             if ins.opcode == "fusion":
                 acc.flops += sum(_flops(module, module.computations[n]) for n in ins.attr_computations("calls")) * times
             elif ins.opcode in ("dot", "convolution", "custom-call"):

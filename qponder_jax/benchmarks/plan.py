@@ -315,17 +315,30 @@ def show(result: dict) -> None:
                 print(f"{'':<22}{phase:<13}{p['flops'] / 1e12:>9.3f}{p['hbm_bytes'] / GIB:>10.2f}{coll}{f32:>12.1f}")
         by_case = {c["case"]: c for c in cases}
         if {"old", "new"} <= set(by_case):
-            per_token = {k: sum(by_case[k]["phases"].get("decode step", {}).get("collectives", {}).values())
-                         for k in ("old", "new")}  # fmt: skip
-            ratio = per_token["old"] / per_token["new"] if per_token["new"] else float("inf")
-            rollout = ("reshard", "prefill", "decode step")
-            f32 = sum(by_case["new"]["phases"].get(p, {}).get("by_dtype", {}).get("all-gather f32", 0.0)
-                      for p in rollout)  # fmt: skip
-            mem = by_case["new"]["memory"] / by_case["old"]["memory"]
-            print(f"decode step collectives per token: old {per_token['old'] / MIB:.1f} MiB, new "
-                  f"{per_token['new'] / MIB:.2f} MiB ({ratio:.0f}x lower); new rollout f32 all-gathers "
-                  f"{f32 / MIB:.1f} MiB; planned memory new / old {mem:.3f}")  # fmt: skip
+            print(summary(by_case["old"], by_case["new"]))
         _show_roofline(cases)
+
+
+def decode_step_bytes(case: dict) -> tuple[float, float]:
+    """(bytes the compiled decode step's collectives move, bytes each device receives at the values' width)."""
+    step = case["phases"].get("decode step", {})
+    return sum(step.get("collectives", {}).values()), sum(step.get("wire", {}).values())
+
+
+def summary(old: dict, new: dict) -> str:
+    """The acceptance figures: per-token decode collectives old vs new, fp32 weight gathers in the new rollout, the
+    planned memory ratio."""
+    (old_moved, old_wire), (new_moved, new_wire) = decode_step_bytes(old), decode_step_bytes(new)
+    ratio = lambda a, b: f"{a / b:.0f}x" if b else "inf"
+    f32 = sum(new["phases"].get(p, {}).get("by_dtype", {}).get("all-gather f32", 0.0)
+              for p in ("reshard", "prefill", "decode step"))  # fmt: skip
+    return (
+        f"decode step, per token: collectives as compiled old {old_moved / MIB:.1f} MiB, new {new_moved / MIB:.2f} MiB "
+        f"({ratio(old_moved, new_moved)} lower); received per device at the values' width old "
+        f"{old_wire / MIB:.1f} MiB, new {new_wire / MIB:.2f} MiB ({ratio(old_wire, new_wire)} lower). New rollout: "
+        f"{f32 / MIB:.1f} MiB of fp32 values all-gathered. Planned memory new / old: "
+        f"{new['memory'] / old['memory']:.3f}"
+    )
 
 
 def _show_roofline(cases: list[dict]) -> None:
