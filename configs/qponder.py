@@ -127,7 +127,7 @@ def base(variant: str, job_name: str = "grpo") -> ml_collections.ConfigDict:
     config.variant = variant  # the variant this config was built for (informational)
     config.seed = 0  # seed of the train state's RNG (rollout sampling)
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
-    config.sampling_layout = "auto"  # sampler weight layout: "auto" (decode layout if it fits), "decode" or "train"
+    config.sampling_layout = "auto"  # sampler weights: "auto", "decode" (stationary), "decode:T" (groups of T), "train"
     # the starting policy (and KL reference): an orbax SFT workdir (configs/qponder_ci.py) or an HF folder;
     # "" = model.model_path
     config.init_checkpoint = ""
@@ -136,9 +136,6 @@ def base(variant: str, job_name: str = "grpo") -> ml_collections.ConfigDict:
     else:
         config.model = common.model(dtype="bfloat16")  # model_path "": the base comes from the SFT workdir
         config.model.remat = True
-        # heads over a 'tensor' axis of 4 (7B: 28 query, 4 KV heads) / 2 (3B: 16, 2), rows over 'fsdp': the rollout
-        # decodes with each layer split over 'tensor' and whole over 'fsdp' (the decode layout, model/sharding.py)
-        config.mesh = (1, -1, 4 if variant == "7b" else 2)
     return config
 
 

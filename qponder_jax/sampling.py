@@ -17,11 +17,11 @@ N = B * num_samples; rows b*n .. b*n+n-1 are prompt b's samples. `batch` is enco
   whose log-prob is higher by -log(kept mass).
 - Draws: `categorical`, inverse transform sampling with two uniforms per row (not V Gumbel draws).
 - Layout: the weights are cast to the compute dtype and resharded ONCE per call, before the prefill, into the layout
-  `layout` names (`model.sharding.LAYOUTS`): "decode" keeps the decoder's weights stationary (whole within a
-  data-parallel group, split only over 'tensor') and splits the rows over 'data' x 'fsdp', so a decode step moves
-  only activations; "train" decodes on the training shardings (FSDP: every step all-gathers every layer's weights).
-  "auto" (the default) picks "decode" when its weights fit `sharding.DECODE_BUDGET_BYTES` per device. The vision
-  tower runs once per call, in the prefill, and stays where it is. Same tokens either way (tested).
+  `layout` names (`model.sharding.choose_layout`): "decode" keeps the decoder's weights stationary, split only over
+  tensor groups of T consecutive devices and whole across groups, with the rows split over the groups, so a decode
+  step moves only activations; "train" decodes on the training shardings (FSDP: every step all-gathers every
+  layer's weights). "auto" (the default) picks T from the decoder's size; "decode:T" fixes it. The vision tower
+  runs once per call, in the prefill, and stays where it is. Same tokens either way (tested).
 - Compilation: `_prefill` and `_decode` are module-level jitted functions whose cache is keyed by the model's graphdef,
   the static `SamplingConfig`, the layout and the input shapes/shardings; prompts, weights, keys and stop ids are
   traced inputs, so repeated calls with the same shapes do not recompile (`TRACES` counts traces). Called alone,
@@ -52,6 +52,7 @@ TRACES: collections.Counter = collections.Counter()  # traces (= compilations) o
 # where the once-per-call cast and reshard sit in the compiled program's op metadata (`benchmarks.hlo` reads it); the
 # prefill and the decode loop appear there as jit(_prefill) and jit(_decode)
 RESHARD_SCOPE = "sampler_reshard"
+_TRAIN = sharding.SamplingLayout("train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +171,13 @@ def first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"))
-def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig, layout: str = "train") -> DecodeState:
-    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times; traced under the
-    rules of `layout` ("train" or "decode", the layout `params` are in)."""
+def _prefill(
+    graphdef, params, batch: Batch, rng, *, config: SamplingConfig, layout: sharding.SamplingLayout = _TRAIN
+) -> DecodeState:
+    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times; traced in `layout`
+    (the layout `params` are in)."""
     TRACES["prefill"] += 1
-    with sharding.use_rules(sharding.LAYOUTS[layout]):
+    with sharding.layout_scope(layout):
         return _prefill_body(graphdef, params, batch, rng, config)
 
 
@@ -202,13 +205,19 @@ def _prefill_body(graphdef, params, batch: Batch, rng, config: SamplingConfig) -
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"), donate_argnames=("state",))
 def _decode(
-    graphdef, params, state: DecodeState, stop_ids: jax.Array, *, config: SamplingConfig, layout: str = "train"
+    graphdef,
+    params,
+    state: DecodeState,
+    stop_ids: jax.Array,
+    *,
+    config: SamplingConfig,
+    layout: sharding.SamplingLayout = _TRAIN,
 ) -> tuple[DecodeState, jax.Array]:
     """The decode loop: sample a token per row, record it, feed it back; until max_new_tokens or all rows done.
-    stop_ids [S] int32 (-1 entries match nothing); traced under the rules of `layout`. Returns the final state (its
-    cache aliases the donated one) and the completion mask [N, L]."""
+    stop_ids [S] int32 (-1 entries match nothing); traced in `layout`. Returns the final state (its cache aliases the
+    donated one) and the completion mask [N, L]."""
     TRACES["decode"] += 1
-    with sharding.use_rules(sharding.LAYOUTS[layout]):
+    with sharding.layout_scope(layout):
         return _decode_loop(graphdef, params, state, stop_ids, config)
 
 
@@ -247,29 +256,30 @@ def sample(
 ) -> tuple[DecodeState, jax.Array]:
     """Prefill then the decode loop, traceable: callable inside another jitted function (the GRPO step), where
     both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing); layout "auto",
-    "decode" or "train" (see the module docstring). Returns the final decode state (tokens, log-probs, lengths)
-    and the completion mask [N, L]."""
+    "decode", "decode:T" or "train" (see the module docstring). Returns the final decode state (tokens, log-probs,
+    lengths) and the completion mask [N, L]."""
     with jax.named_scope(RESHARD_SCOPE):
         params, layout = decode_params(graphdef, params, layout)
     state = _prefill(graphdef, params, batch, rng, config=config, layout=layout)
     return _decode(graphdef, params, state, stop_ids, config=config, layout=layout)
 
 
-def decode_params(graphdef, params: nnx.State, layout: str = "auto") -> tuple[nnx.State, str]:
+def decode_params(graphdef, params: nnx.State, layout: str = "auto") -> tuple[nnx.State, sharding.SamplingLayout]:
     """(params cast to the compute dtype and, in the decode layout, the decoder's weights resharded into it; the
-    layout chosen, "train" or "decode"), inside a traced function on the current mesh. The cast comes first, so with
-    a bf16 compute dtype no weight moves in fp32. The vision tower (`visual`) keeps its layout: it runs once, in the
-    prefill."""
+    layout chosen), inside a traced function on the current mesh. The cast comes first, so with a bf16 compute dtype
+    no weight moves in fp32. The vision tower (`visual`) keeps its layout: it runs once, in the prefill."""
     params = in_compute_dtype(params, nnx.merge(graphdef, params).dtype)
     decoder = nnx.State({k: v for k, v in params.items() if k != "visual"})
     mesh = jax.sharding.get_abstract_mesh()
-    layout = sharding.choose_layout(layout, decoder, None if mesh.empty else mesh)
-    if layout == "decode":
+    chosen = sharding.choose_layout(layout, decoder, None if mesh.empty else mesh)
+    if chosen.name == "decode":
         # pinned to the training layout first: the cast then runs on each device's shard and the all-gathers move
         # the compute dtype (XLA would otherwise gather the fp32 weights and cast the whole copy)
         decoder = sharding.reshard_state(decoder, sharding.LOGICAL_RULES)
-        params = nnx.State({**params, **sharding.reshard_state(decoder, sharding.DECODE_RULES)})
-    return params, layout
+        with sharding.layout_scope(chosen):
+            decoder = sharding.reshard_state(decoder, sharding.DECODE_RULES)
+        params = nnx.State({**params, **decoder})
+    return params, chosen
 
 
 def in_compute_dtype(params, dtype):
@@ -317,8 +327,8 @@ def generate(
 
     stop_ids: token ids that end a row (default: the model config's eos_token_id; `()` for none). pad_id: the token
     emitted after a row is done (default: the config's pad_token_id, else 0). rng: a PRNG key or an int seed; needed
-    when temperature > 0. layout: "auto", "decode" or "train", the weights' layout while decoding (module
-    docstring). Runs on the mesh of the model's parameters; nothing is copied back to the host.
+    when temperature > 0. layout: "auto", "decode", "decode:T" or "train", the weights' layout while decoding
+    (module docstring). Runs on the mesh of the model's parameters; nothing is copied back to the host.
     """
     config = SamplingConfig(
         max_new_tokens=int(max_new_tokens),
@@ -329,8 +339,10 @@ def generate(
         pad_id=int(pad_id if pad_id is not None else (model.config.text.pad_token_id or 0)),
     )
     _check_settings(config, rng)
-    if layout not in sharding.LAYOUT_CHOICES:
-        raise ValueError(f"generate: layout {layout!r} is not one of {sharding.LAYOUT_CHOICES}")
+    try:
+        sharding.parse_layout(layout)
+    except ValueError as e:
+        raise ValueError(f"generate: {e}") from None
     if isinstance(batch.input_ids, np.ndarray):
         _check_left_padded(batch)
         check_batch(batch, model.config)

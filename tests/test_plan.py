@@ -2,8 +2,6 @@
 groups, bf16 values XLA:CPU widens for a collective) and `bench plan` end to end at the smallest size."""
 
 import json
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +11,6 @@ from jax.sharding import PartitionSpec as P
 
 from qponder_jax import bench
 from qponder_jax.benchmarks import hlo, plan
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from configs import qponder  # noqa: E402
 
 
 def _compiled(fn, *args):
@@ -105,12 +100,6 @@ def test_bf16_weights_widened_for_a_cpu_matmul_count_as_read_once_narrow():
     assert compiled.cost_analysis()["bytes accessed"] > 1.5 * ours  # XLA:CPU's own count has the converts
 
 
-def test_default_meshes_are_the_grpo_configs():
-    for variant in ("tiny", "3b", "7b"):
-        mesh = qponder.get_config(variant).mesh
-        assert plan.DEFAULT_MESH[variant] == ",".join(map(str, mesh)), variant
-
-
 def test_fit_and_roofline_arithmetic():
     points = {p: {"memory": 1.0 + 2 * p[0] + 3 * p[1], "phases": {"update": {"flops": 10.0 * p[0]}}}
               for p in plan.FIT_POINTS["grpo"]}  # fmt: skip
@@ -125,20 +114,20 @@ def test_fit_and_roofline_arithmetic():
 
 
 def test_plan_generate_smoke(tmp_path, capsys):
-    """The tiny model's `generate` on 8 devices, full depth: both cases compile, the new layout's decode step
-    gathers no weights, the JSON and the roofline add up."""
-    argv = ["plan", "--models", "tiny", "--steps", "generate", "--devices", "8", "--mesh", "1,4,2", "--scale", "0.1",
-            "--direct", "--chips", "v5p,h100", "--out", str(tmp_path)]  # fmt: skip
+    """The tiny model's `generate` on 8 devices, full depth, decoding in tensor groups of 4: both cases compile, the
+    new layout's decode step gathers no weights, the JSON and the roofline add up."""
+    argv = ["plan", "--models", "tiny", "--steps", "generate", "--devices", "8", "--layout", "decode:4", "--scale",
+            "0.1", "--direct", "--chips", "v5p,h100", "--out", str(tmp_path)]  # fmt: skip
     bench.main(argv)
     printed = capsys.readouterr().out
     result = json.loads((tmp_path / "plan.json").read_text())
     old, new = result["cases"]
     assert (old["case"], old["layout"], old["mesh"]) == ("old", "train", [1, 8, 1])
-    assert (new["case"], new["layout"], new["mesh"]) == ("new", "decode", [1, 4, 2])
+    assert (new["case"], new["layout"], new["mesh"]) == ("new", "decode:4", [1, 8, 1])
     assert old["decode_loops"] == new["decode_loops"] == 1
     assert set(new["phases"]) >= {"reshard", "prefill", "decode step"}
     old_step, new_step = old["phases"]["decode step"], new["phases"]["decode step"]
-    assert old_step["collectives"]["all-gather"] > 50 * new_step["collectives"].get("all-gather", 0.0)
+    assert old_step["collectives"]["all-gather"] > 10 * new_step["collectives"].get("all-gather", 0.0)  # activations
     assert old_step["flops"] == pytest.approx(new_step["flops"], rel=0.05)  # the same decode, laid out differently
     for case in result["cases"]:
         r = case["roofline"]["h100"]
@@ -153,6 +142,8 @@ def test_plan_rejects_unknown_settings():
         bench.main(["plan", "--models", "tiny", "--attn-impl", "nope"])
     with pytest.raises(ValueError, match="--mesh 1,3,1"):
         bench.main(["plan", "--models", "tiny", "--devices", "8", "--mesh", "1,3,1"])
+    with pytest.raises(ValueError, match="sampling layout 'decode:x'"):
+        bench.main(["plan", "--models", "tiny", "--layout", "decode:x"])
     with pytest.raises(ValueError, match="chip"):
         bench.main(["plan", "--models", "tiny", "--chips", "tpu9"])
 

@@ -33,9 +33,10 @@ from train_helpers import optim_cfg, random_model  # noqa: E402
 from configs import eval as eval_config  # noqa: E402
 from configs import qponder  # noqa: E402
 
-# (1, 2, 4): the tiny model's 2 KV heads do not divide the tensor axis; its 4 query heads do
-MESHES = [(1, 8, 1), pytest.param((2, 4, 1), marks=pytest.mark.slow), pytest.param((1, 4, 2), marks=pytest.mark.slow),
-          (1, 2, 4)]  # fmt: skip
+# (training mesh, decode layout): the devices regrouped into tensor groups of 4 (the tiny model's 2 KV heads do not
+# divide it), of 2, the (1, 4, 2) mesh's own groups (auto), and groups of 8 (neither its 4 query heads divide it)
+CASES = [((1, 8, 1), "decode:4"), pytest.param((2, 4, 1), "decode:2", marks=pytest.mark.slow),
+         pytest.param((1, 4, 2), "auto", marks=pytest.mark.slow), ((1, 2, 4), "decode:8")]  # fmt: skip
 STEPS = 12
 
 
@@ -82,18 +83,28 @@ def test_choose_layout_from_the_mesh_and_the_weights(monkeypatch):
     state = nnx.state(nnx.eval_shape(lambda: Qwen25VL(tiny_config(), rngs=nnx.Rngs(0))).language_model)
     mesh = jax.sharding.AbstractMesh((1, 4, 2), sharding.MESH_AXES)
     whole = sum(x.size * 4 for x in jax.tree.leaves(state))
-    per_device = sharding.bytes_per_device(state, mesh, sharding.DECODE_RULES)
-    assert whole / 2 <= per_device < whole  # the matrices split over 'tensor' only, norms and biases whole
-    assert sharding.bytes_per_device(state, mesh, sharding.DECODE_RULES, jnp.bfloat16) == per_device // 2
-    assert sharding.choose_layout("auto", state, mesh) == "decode"
-    assert sharding.choose_layout("auto", state, jax.sharding.AbstractMesh((1, 1, 8), sharding.MESH_AXES)) == "train"
-    assert sharding.choose_layout("auto", state, None) == "train"
-    assert sharding.choose_layout("train", state, mesh) == "train"
-    monkeypatch.setattr(sharding, "DECODE_BUDGET_BYTES", per_device - 1)
-    assert sharding.choose_layout("auto", state, mesh) == "train"  # over the budget: keep the training layout
-    assert sharding.choose_layout("decode", state, mesh) == "decode"
-    with pytest.raises(ValueError, match="sampling layout 'fsdp'"):
-        sharding.choose_layout("fsdp", state, mesh)
+    regrouped = lambda t: sharding.decode_mesh(mesh, t)
+    held = {t: sharding.bytes_per_device(state, regrouped(t), sharding.DECODE_RULES) for t in (2, 4, 8)}
+    assert whole / 2 <= held[2] < whole and held[4] < held[2]  # matrices split over the group, norms and biases whole
+    assert sharding.bytes_per_device(state, mesh, sharding.DECODE_RULES, jnp.bfloat16) == held[2] // 2
+    assert sharding.decode_mesh(mesh, 4).axis_sizes == (1, 2, 4)
+    Layout = sharding.SamplingLayout
+    assert sharding.choose_layout("auto", state, mesh) == Layout("decode", 2)  # the smallest group: the mesh's own
+    assert sharding.choose_layout("decode:8", state, mesh) == Layout("decode", 8)
+    assert sharding.choose_layout("auto", state, jax.sharding.AbstractMesh((1, 1, 8), sharding.MESH_AXES)).name == (
+        "train"
+    )  # no rows to split: the layouts are one
+    assert sharding.choose_layout("auto", state, None) == Layout("train")
+    assert sharding.choose_layout("train", state, mesh) == Layout("train")
+    monkeypatch.setattr(sharding, "DECODE_TARGET_BYTES", held[4])
+    assert sharding.choose_layout("auto", state, mesh) == Layout("decode", 4)  # the smallest group that fits
+    monkeypatch.setattr(sharding, "DECODE_TARGET_BYTES", held[8] - 1)
+    monkeypatch.setattr(sharding, "DECODE_BUDGET_BYTES", held[8] - 1)
+    assert sharding.choose_layout("auto", state, mesh) == Layout("train")  # even groups of 8 hold too much
+    assert sharding.choose_layout("decode", state, mesh) == Layout("decode", 8)  # asked for: the largest group
+    for bad in ("fsdp", "decode:3", "decode:x"):
+        with pytest.raises(ValueError, match="sampling layout|does not regroup"):
+            sharding.choose_layout(bad, state, mesh)
 
 
 def _decode_body_all_gather(compiled) -> float:
@@ -104,8 +115,8 @@ def _decode_body_all_gather(compiled) -> float:
     return hlo.cost(module, loops[0].body).collectives.get("all-gather", 0.0)
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
-def test_greedy_generate_is_the_same_in_both_layouts(setup, shape):
+@pytest.mark.parametrize("shape,layout", CASES, ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c)
+def test_greedy_generate_is_the_same_in_both_layouts(setup, shape, layout):
     """Identical tokens and log-probs within 1e-6 (fp32), and in the decode layout the loop gathers no weights."""
     proc, config, batch, _ = setup
     mesh = sharding.make_mesh(shape)
@@ -116,21 +127,21 @@ def test_greedy_generate_is_the_same_in_both_layouts(setup, shape):
     sconfig = sampling.SamplingConfig(max_new_tokens=STEPS, num_samples=2)
     outs, gathered = {}, {}
     with jax.set_mesh(mesh):
-        for layout in ("train", "decode"):
-            lowered = sampling._generate.lower(graphdef, params, placed, None, stop, config=sconfig, layout=layout)
+        for name in ("train", layout):
+            lowered = sampling._generate.lower(graphdef, params, placed, None, stop, config=sconfig, layout=name)
             compiled = lowered.compile()
-            outs[layout] = jax.device_get(compiled(params, placed, None, stop))
-            gathered[layout] = _decode_body_all_gather(compiled)
-    train, decode = outs["train"], outs["decode"]
+            outs[name] = jax.device_get(compiled(params, placed, None, stop))
+            gathered[name] = _decode_body_all_gather(compiled)
+    train, decode = outs["train"], outs[layout]
     np.testing.assert_array_equal(decode.tokens, train.tokens)
     np.testing.assert_array_equal(decode.lengths, train.lengths)
     np.testing.assert_allclose(decode.logprobs, train.logprobs, rtol=0, atol=1e-6)
     weights = sum(x.size * 4 for x in jax.tree.leaves(nnx.state(model.language_model)))
-    print(f"{shape}: decode-loop all-gather per step {gathered['train']:.0f} B (train), {gathered['decode']:.0f} B "
-          f"(decode), of {weights} B of text weights; max log-prob diff "
+    print(f"{shape} {layout}: decode-loop all-gather per step {gathered['train']:.0f} B (train), "
+          f"{gathered[layout]:.0f} B (decode), of {weights} B of text weights; max log-prob diff "
           f"{np.abs(decode.logprobs - train.logprobs).max():.2e}")  # fmt: skip
     assert gathered["train"] > 0.1 * weights  # the FSDP layout gathers its share of every layer at every step
-    assert gathered["decode"] < 0.05 * weights  # activations only
+    assert gathered[layout] < 0.05 * weights  # activations only
 
 
 def test_generate_takes_the_layout_and_checks_it(setup):
@@ -172,39 +183,44 @@ def _grpo(config, proc, mesh, layout):
     return step, state, jax.device_put(host, st.shardings_of(abstract).params), host, abstract
 
 
-@pytest.mark.parametrize("shape", [(1, 8, 1), (1, 2, 4)], ids=lambda s: "x".join(map(str, s)))
-def test_grpo_rollout_is_the_same_in_both_layouts(setup, shape):
+@pytest.mark.parametrize(
+    "shape,layout",
+    [pytest.param((1, 8, 1), "auto", marks=pytest.mark.slow), ((1, 2, 4), "decode:8")],
+    ids=lambda c: "x".join(map(str, c)) if isinstance(c, tuple) else c,
+)
+def test_grpo_rollout_is_the_same_in_both_layouts(setup, shape, layout):
     """G = 2 completions of 8 prompts at temperature 1, inside the GRPO step's rollout: identical tokens, log-probs
-    within 1e-6."""
+    within 1e-6 (on (1, 2, 4) regrouped into one tensor group of 8)."""
     proc, config, batch, mos = setup
     parser = build_parser(proc.tokenizer, max_numbers=5, vocab_size=config.text.vocab_size)
     mesh = sharding.make_mesh(shape)
     out = {}
-    for layout in ("train", "decode"):
-        step, state, _, _, _ = _grpo(config, proc, mesh, layout)
+    for name in ("train", layout):
+        step, state, _, _, _ = _grpo(config, proc, mesh, name)
         with jax.set_mesh(mesh):
             placed = jax.device_put(batch, batch_shardings(batch, mesh))
             rollout = jax.jit(step.rollout)(state.params, placed, jnp.asarray(mos), jax.random.key(7), parser)
-        out[layout] = jax.device_get(rollout)
-    np.testing.assert_array_equal(out["decode"].tokens, out["train"].tokens)
-    np.testing.assert_array_equal(out["decode"].mask, out["train"].mask)
-    assert out["train"].mask.sum() > 8 * 2 * STEPS // 2  # most completions run long: many tokens compared
-    np.testing.assert_allclose(out["decode"].old_logp, out["train"].old_logp, rtol=0, atol=1e-6)
+        out[name] = jax.device_get(rollout)
+    train, decode = out["train"], out[layout]
+    np.testing.assert_array_equal(decode.tokens, train.tokens)
+    np.testing.assert_array_equal(decode.mask, train.mask)
+    assert train.mask.sum() > 8 * 2 * STEPS // 2  # most completions run long: many tokens compared
+    np.testing.assert_allclose(decode.old_logp, train.old_logp, rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow
 def test_grpo_step_is_the_same_in_both_layouts(setup):
-    """One whole GRPO step (rollout, KL reference, update) on a (1, 4, 2) mesh: the same sampled tokens, and the loss
-    and the parameters after the update within 1e-5."""
+    """One whole GRPO step (rollout, KL reference, update) on a (1, 8, 1) mesh, decoding in tensor groups of 4: the
+    same sampled tokens, and the loss and the parameters after the update within 1e-5."""
     proc, config, batch, mos = setup
     parser = build_parser(proc.tokenizer, max_numbers=5, vocab_size=config.text.vocab_size)
-    mesh = sharding.make_mesh((1, 4, 2))
+    mesh = sharding.make_mesh((1, 8, 1))
     out = {}
-    for layout in ("train", "decode"):
+    for layout in ("train", "decode:4"):
         step, state, ref, host, abstract = _grpo(config, proc, mesh, layout)
         new_state, metrics = grpo.jit_grpo_step(step, st.shardings_of(abstract), mesh)(state, batch, mos, parser, ref)
         out[layout] = jax.device_get((new_state.params, metrics))
-    (p_train, m_train), (p_decode, m_decode) = out["train"], out["decode"]
+    (p_train, m_train), (p_decode, m_decode) = out["train"], out["decode:4"]
     assert abs(float(m_train["advantage_abs_mean"])) > 0.5  # the update has something to do
     np.testing.assert_array_equal(m_decode["sample_tokens"], m_train["sample_tokens"])
     np.testing.assert_allclose(m_decode["loss"], m_train["loss"], rtol=0, atol=1e-5)

@@ -25,7 +25,9 @@ reduce-scatter, so expect less there; the figures are an upper estimate until `-
 the accelerator (its own backend and devices, no simulated CPU devices).
 
 Workloads follow the `3b` / `7b` variants of configs/qponder_ci.py and configs/qponder.py: fp32 parameters and AdamW
-state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1)); images of 448x448 (1024 patches).
+state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1); `--mesh` for another shape, e.g. the
+GRPO configs' 1,-1,4); images of 448x448 (1024 patches). The GRPO rollout decodes in the layout a run would choose
+for the full-depth model (`--sampling-layout`, default auto; see `model.sharding.choose_layout`).
 """
 
 from __future__ import annotations
@@ -109,8 +111,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) mesh; -1 takes the rest of N (FSDP)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
     parser.add_argument(
-        "--sampling-layout", default="auto", choices=("auto", "decode", "train"),
-        help="the GRPO rollout's weight layout (auto: as a run resolves it for the full-depth model)",
+        "--sampling-layout", default="auto",
+        help="the GRPO rollout's weights: auto (as a run resolves it for the full model), decode, decode:T or train",
     )  # fmt: skip
     parser.add_argument("--minibatches", type=int, default=0, help="GRPO minibatches per step (default: the config's)")
     parser.add_argument(

@@ -11,8 +11,9 @@ op metadata: `reshard` (the sampler's once-per-call cast and reshard), `prefill`
 the early-exit decode loop: per generated token), `reference` (the KL reference's log-probs), `update` (all mu x M
 optimizer updates) and `other` (rewards, advantages, the loop's once-per-call work).
 
-The cases: "old" is the training layout on `--old-mesh` (every config's mesh until the decode layout, (1, N, 1)),
-"new" the layout a run resolves (`--layout`, default auto) on `--mesh` (default: the model's GRPO config mesh).
+The cases, on `--mesh` (default (1, N, 1), every config's mesh): "old" decodes in the training layout, as every
+config did before the decode layout; "new" in the layout a run resolves (`--layout`, default auto: for 7B in bf16,
+tensor groups of 4). `--old-mesh` puts the old case on another mesh.
 
 The roofline is a model, not a measurement: each phase takes max(FLOPs / peak, HBM bytes / bandwidth, interconnect
 bytes / bandwidth) on the named chip, from the CPU program's counts (XLA:CPU fuses differently, so HBM bytes are
@@ -32,8 +33,6 @@ import time
 from qponder_jax.benchmarks import memory
 
 PHASES = ("reshard", "prefill", "decode step", "reference", "update", "other")
-# the new layout's mesh per model: configs/qponder.py's 3b / 7b variants (tiny: its (1, -1, 1))
-DEFAULT_MESH = {"7b": "1,-1,4", "3b": "1,-1,2", "tiny": "1,-1,1"}
 # `generate` as configs/eval.py's real variants call it: 32 images per call, 256 new tokens, greedy
 GENERATE = {"prompts": 32, "tokens": 512, "patches": 1024, "new_tokens": 256}
 FIT_POINTS = {"grpo": memory.FIT_POINTS["grpo"], "generate": memory.FIT_POINTS["sft"]}  # (text layers, vision blocks)
@@ -75,9 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="7b", help=f"comma-separated, of {sorted(memory.MODELS)}")
     parser.add_argument("--steps", default="grpo", help="comma-separated, of grpo, generate")
     parser.add_argument("--devices", default="64", help="comma-separated device counts N")
-    parser.add_argument("--mesh", default="", help="the new layout's (data, fsdp, tensor) mesh (default: DEFAULT_MESH)")
-    parser.add_argument("--old-mesh", default="1,-1,1", help="the old layout's mesh (default: FSDP over all)")
-    parser.add_argument("--layout", default="auto", choices=("auto", "decode", "train"), help="the new sampling layout")
+    parser.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) mesh; -1 takes the rest (FSDP)")
+    parser.add_argument("--old-mesh", default="", help="the old case's mesh (default: --mesh)")
+    parser.add_argument("--layout", default="auto", help="the new case's sampling layout: auto, decode[:T], train")
     parser.add_argument("--attn-impl", default="xla", help="the model's attention implementation (model.attn_impl)")
     parser.add_argument("--chips", default=",".join(CHIPS), help=f"roofline chips, of {list(CHIPS)}")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
@@ -89,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check(args: argparse.Namespace) -> None:
     from qponder_jax.model.attention import IMPLEMENTATIONS
+    from qponder_jax.model.sharding import parse_layout
 
     unknown = [m for m in args.models.split(",") if m not in memory.MODELS]
     steps = [s for s in args.steps.split(",") if s not in FIT_POINTS]
@@ -99,9 +99,9 @@ def _check(args: argparse.Namespace) -> None:
     if args.attn_impl not in IMPLEMENTATIONS:
         raise ValueError(f"plan: --attn-impl {args.attn_impl!r} is not one this model knows: {IMPLEMENTATIONS}")
     for n in map(int, args.devices.split(",")):
-        for model in args.models.split(","):
-            memory.mesh_shape(args.mesh or DEFAULT_MESH[model], n)
-        memory.mesh_shape(args.old_mesh, n)
+        memory.mesh_shape(args.mesh, n)
+        memory.mesh_shape(args.old_mesh or args.mesh, n)
+    parse_layout(args.layout)
 
 
 # ---- the worker: one subprocess per device count ----
@@ -189,8 +189,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
         config = memory.MODELS[name]
         full = (config.text.num_hidden_layers, config.vision.depth)
         for step in args.steps.split(","):
-            for label, spec, asked in (("old", args.old_mesh, "train"), ("new", args.mesh or DEFAULT_MESH[name],
-                                                                          args.layout)):  # fmt: skip
+            for label, spec, asked in (("old", args.old_mesh or args.mesh, "train"), ("new", args.mesh, args.layout)):
                 mesh = sharding.make_mesh(memory.mesh_shape(spec, n))
                 layout = resolve_layout(config, mesh, ModelSettings(attn_impl=args.attn_impl), asked)
                 case = {"model": name, "step": step, "case": label, "devices": n, "mesh": list(mesh.devices.shape),

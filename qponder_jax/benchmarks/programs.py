@@ -150,12 +150,12 @@ def generate(
 
 
 def resolve_layout(config: Qwen25VLConfig, mesh, model: ModelSettings, layout: str) -> str:
-    """The sampler's layout ("train" or "decode") for the full model `config` on `mesh`, as `sampling.generate` and
-    the GRPO rollout resolve `layout` ("auto" by the decoder's compute-dtype bytes per device): compile reduced depths
-    with the answer, or "auto" would judge the smaller model."""
+    """The sampler's layout ("train" or "decode:T") for the full model `config` on `mesh`, as `sampling.generate` and
+    the GRPO rollout resolve `layout` (by the decoder's compute-dtype bytes per device): compile reduced depths with
+    the answer, or "auto" would judge the smaller model."""
     state = nnx.state(nnx.eval_shape(model.make(config)))
     decoder = nnx.State({k: v for k, v in state.items() if k != "visual"})
-    return sharding.choose_layout(layout, decoder, mesh, jnp.dtype(model.dtype))
+    return sharding.choose_layout(layout, decoder, mesh, jnp.dtype(model.dtype)).spec
 
 
 def text_weight_bytes(config: Qwen25VLConfig, model: ModelSettings) -> int:

@@ -5,12 +5,14 @@ Layers name their dimensions (`embed`, `mlp`, `heads`, ...) through an `axes=` m
 axis each name lands on. A mesh axis that does not divide a dimension is dropped for that tensor (for
 example 2 kv heads on a tensor axis of 4), so any mesh shape is valid for any model size.
 
-Two layouts share the mesh. `LOGICAL_RULES` (training, "train"): parameters FSDP-sharded over 'fsdp' and
-tensor-parallel over 'tensor'. `DECODE_RULES` (the sampler, "decode"): weights stationary, replicated over
-'data' and 'fsdp' and tensor-parallel over 'tensor', so a decode step moves only activations; the batch's rows
-split over 'data' x 'fsdp' in both. The sampler reshards its weights into the decode layout once per call
-(`qponder_jax.sampling`) and traces under `use_rules(DECODE_RULES)`, so the layers' `constrain` calls follow it.
-`choose_layout` picks the decode layout when its weights fit `DECODE_BUDGET_BYTES` per device.
+Two layouts. `LOGICAL_RULES` (training, "train"): parameters FSDP-sharded over 'fsdp' and tensor-parallel over
+'tensor'. `DECODE_RULES` (the sampler, "decode"): weights stationary, whole over 'data' and 'fsdp' and
+tensor-parallel over 'tensor', so a decode step moves only activations; rows split over 'data' x 'fsdp'. The
+decode layout runs on the training mesh's devices regrouped (`decode_mesh`): consecutive devices form tensor
+groups of `SamplingLayout.tensor`, so an FSDP-only training mesh (1, N, 1) decodes tensor-parallel over groups of
+T on (1, N / T, T) while training keeps its own mesh and memory plan. The sampler reshards its weights once per
+call and traces under `layout_scope` (the rules and the regrouped mesh), so the layers' `constrain` calls follow
+it. `choose_layout` picks T from the decoder's size (`DECODE_TARGET_BYTES`, `DECODE_BUDGET_BYTES`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -61,11 +64,30 @@ DECODE_RULES: dict[str, tuple[str, ...] | None] = {
     "lookup_batch": ("data", "fsdp"),
 }
 LAYOUTS = {"train": LOGICAL_RULES, "decode": DECODE_RULES}  # layout name -> rules table
-LAYOUT_CHOICES = ("auto", *LAYOUTS)  # what a config or `generate(layout=...)` may ask for
-# "auto" decodes in the decode layout when its compute-dtype text weights take at most this many bytes per device
-# (7B in bf16: 15.2 GB whole, 3.8 GB over a tensor axis of 4); the rest of the device holds the KV cache and the
-# training state, which the decode layout leaves where it is
-DECODE_BUDGET_BYTES = 8 * 1024**3
+# what a config or `generate(layout=...)` may ask for; "decode:T" also fixes the tensor group size T
+LAYOUT_CHOICES = ("auto", "decode", "decode:T", "train")
+# "auto" picks the smallest tensor group whose devices each hold at most DECODE_TARGET_BYTES of the decoder (a decode
+# step reads all of them: 7B in bf16, 15.2 GB, decodes in groups of 4; 3B, 6.2 GB, in groups of 2), up to
+# DECODE_MAX_TENSOR devices (one 8-GPU NVLink node); if even that holds more than DECODE_BUDGET_BYTES per device, it
+# keeps the training layout
+DECODE_TARGET_BYTES = 4 * 1024**3
+DECODE_BUDGET_BYTES = 24 * 1024**3
+DECODE_MAX_TENSOR = 8
+
+
+class SamplingLayout(NamedTuple):
+    """How the sampler holds the decoder's weights: "train" (the training shardings) or "decode" (`DECODE_RULES` on
+    the training mesh's devices regrouped into tensor groups of `tensor`)."""
+
+    name: str
+    tensor: int = 1
+
+    @property
+    def spec(self) -> str:
+        """The layout as `choose_layout` takes it back: "train" or "decode:T"."""
+        return f"decode:{self.tensor}" if self.name == "decode" else self.name
+
+
 _ACTIVE_RULES: contextvars.ContextVar[Mapping] = contextvars.ContextVar("rules", default=LOGICAL_RULES)
 
 
@@ -184,18 +206,61 @@ def bytes_per_device(state: nnx.State, mesh, rules: Mapping, dtype=None) -> int:
     return total
 
 
-def choose_layout(layout: str, state: nnx.State, mesh, dtype=None) -> str:
-    """The layout the sampler decodes `state` (the weights it reads at every decode step) in: "train" or "decode".
+def parse_layout(layout: str) -> tuple[str, int | None]:
+    """("auto" | "decode" | "train", the tensor group size "decode:T" fixes or None); raises on anything else."""
+    name, _, size = str(layout).partition(":")
+    if name in ("auto", "train", "decode") and not size:
+        return name, None
+    if name == "decode" and size.isdigit() and int(size) >= 1:
+        return name, int(size)
+    raise ValueError(f"sampling layout {layout!r} is not one of {LAYOUT_CHOICES}")
 
-    "auto" is "decode" when `mesh` splits rows over 'data' or 'fsdp' (else both layouts are the same) and the
-    decode layout's weights, in `dtype`, take at most `DECODE_BUDGET_BYTES` per device; otherwise "train"."""
-    if layout not in LAYOUT_CHOICES:
-        raise ValueError(f"sampling layout {layout!r} is not one of {LAYOUT_CHOICES}")
-    if layout != "auto":
-        return layout
-    if mesh is None or mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1) == 1:
-        return "train"
-    return "decode" if bytes_per_device(state, mesh, DECODE_RULES, dtype) <= DECODE_BUDGET_BYTES else "train"
+
+def decode_mesh(mesh, tensor: int) -> jax.sharding.AbstractMesh:
+    """The decode layout's mesh: `mesh`'s devices regrouped into (data, fsdp * tensor' / tensor, tensor); consecutive
+    devices (a training tensor group, then its neighbours) share a decode tensor group."""
+    d, f, t = (mesh.shape.get(a, 1) for a in MESH_AXES)
+    if tensor % t or (f * t) % tensor:
+        raise ValueError(f"a decode tensor group of {tensor} does not regroup the mesh {dict(mesh.shape)}")
+    return jax.sharding.AbstractMesh((d, f * t // tensor, tensor), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def choose_layout(layout: str, state: nnx.State, mesh, dtype=None) -> SamplingLayout:
+    """The layout the sampler decodes `state` (the weights it reads at every decode step, in `dtype`) in on `mesh`.
+
+    "train" keeps the training shardings. "decode" regroups the devices into the smallest tensor group (a multiple of
+    the mesh's 'tensor' axis, at most `DECODE_MAX_TENSOR`) whose devices each hold at most `DECODE_TARGET_BYTES` of
+    the weights, else the largest; "decode:T" into groups of T. "auto" is that decode layout when the mesh splits
+    rows over 'data' or 'fsdp' (else both layouts are one) and its weights fit `DECODE_BUDGET_BYTES` per device;
+    otherwise "train"."""
+    name, fixed = parse_layout(layout)
+    if mesh is None or name == "train":
+        return SamplingLayout("train")
+    d, f, t = (mesh.shape.get(a, 1) for a in MESH_AXES)
+    if fixed is not None:
+        decode_mesh(mesh, fixed)  # raises when it does not regroup this mesh
+        return SamplingLayout("decode", fixed)
+    if name == "auto" and d * f == 1:
+        return SamplingLayout("train")
+    sizes = [g for g in range(t, f * t + 1, t) if (f * t) % g == 0 and (g <= DECODE_MAX_TENSOR or g == t)]
+    held = {g: bytes_per_device(state, decode_mesh(mesh, g), DECODE_RULES, dtype) for g in sizes}
+    tensor = next((g for g in sizes if held[g] <= DECODE_TARGET_BYTES), sizes[-1])
+    if name == "auto" and held[tensor] > DECODE_BUDGET_BYTES:
+        return SamplingLayout("train")
+    return SamplingLayout("decode", tensor)
+
+
+@contextlib.contextmanager
+def layout_scope(layout: SamplingLayout) -> Iterator[None]:
+    """Inside a traced function on the training mesh: the rules of `layout` and, for "decode", its regrouped mesh as
+    the abstract mesh, so `constrain` (and everything it places) follows the layout."""
+    mesh = jax.sharding.get_abstract_mesh()
+    with use_rules(LAYOUTS[layout.name]):
+        if layout.name != "decode" or mesh is None or mesh.empty or mesh.shape.get("tensor", 1) == layout.tensor:
+            yield
+        else:
+            with jax.sharding.use_abstract_mesh(decode_mesh(mesh, layout.tensor)):
+                yield
 
 
 def create_sharded(make_module: Callable[[], nnx.Module], mesh: Mesh) -> nnx.Module:

@@ -88,11 +88,13 @@ class GRPOSettings:
     rewards: tuple[RewardTerm, ...] = (RewardTerm("format"), RewardTerm("accuracy"))
     logprob_chunk: int = 8192  # vocab columns per step of the update's log-prob scan (no [N, L, V] logits)
     share_prompts: bool = True  # the update runs each prompt once per minibatch when M divides G (see the docstring)
-    sampling_layout: str = "auto"  # the rollout's weight layout: "auto", "decode" or "train" (sharding.choose_layout)
+    sampling_layout: str = "auto"  # rollout weights: "auto", "decode", "decode:T", "train" (sharding.choose_layout)
 
     def __post_init__(self):
-        if self.sampling_layout not in sharding.LAYOUT_CHOICES:
-            raise ValueError(f"grpo: sampling_layout {self.sampling_layout!r} is not one of {sharding.LAYOUT_CHOICES}")
+        try:
+            sharding.parse_layout(self.sampling_layout)
+        except ValueError as e:
+            raise ValueError(f"grpo: {e}") from None
         if self.advantage_std not in STD_MODES:
             raise ValueError(f"grpo: advantage_std {self.advantage_std!r} is not one of {STD_MODES}")
         if min(self.num_generations, self.max_new_tokens, self.num_iterations, self.num_minibatches,
