@@ -174,18 +174,20 @@ def first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
 def _prefill(
     graphdef, params, batch: Batch, rng, *, config: SamplingConfig, layout: sharding.SamplingLayout = _TRAIN
 ) -> DecodeState:
-    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times; traced in `layout`
-    (the layout `params` are in)."""
+    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times. The vision tower
+    runs in the training layout (the decode layout's tensor groups would each compute all of it), the decoder in
+    `layout` (the layout `params` are in)."""
     TRACES["prefill"] += 1
+    features = nnx.merge(graphdef, params).vision_features(batch)  # [B, P', D]
     with sharding.layout_scope(layout):
-        return _prefill_body(graphdef, params, batch, rng, config)
+        return _prefill_body(graphdef, params, batch, features, rng, config)
 
 
-def _prefill_body(graphdef, params, batch: Batch, rng, config: SamplingConfig) -> DecodeState:
+def _prefill_body(graphdef, params, batch: Batch, features, rng, config: SamplingConfig) -> DecodeState:
     model: Qwen25VL = nnx.merge(graphdef, params)
     b, t = batch.input_ids.shape
     n, steps = config.num_samples, config.max_new_tokens
-    logits, cache = model.prefill(batch, model.init_cache(b, t + steps), last_only=True)  # [B, 1, V]
+    logits, cache = model.prefill(batch, model.init_cache(b, t + steps), last_only=True, features=features)  # [B, 1, V]
     start = batch.rope_deltas + jnp.sum(batch.attention_mask, axis=-1, dtype=jnp.int32)  # [B] first new position
     if n > 1:
         cache = cache.repeat(n)
@@ -268,14 +270,14 @@ def decode_params(graphdef, params: nnx.State, layout: str = "auto") -> tuple[nn
     """(params cast to the compute dtype and, in the decode layout, the decoder's weights resharded into it; the
     layout chosen), inside a traced function on the current mesh. The cast comes first, so with a bf16 compute dtype
     no weight moves in fp32. The vision tower (`visual`) keeps its layout: it runs once, in the prefill."""
-    params = in_compute_dtype(params, nnx.merge(graphdef, params).dtype)
+    # pinned to the training layout right after the cast: the cast then runs on each device's shard, and whatever
+    # gathers the weights (the decode reshard below, the vision tower's FSDP gathers) moves the compute dtype; XLA
+    # would otherwise gather fp32 weights and cast the whole copy
+    params = sharding.reshard_state(in_compute_dtype(params, nnx.merge(graphdef, params).dtype), sharding.LOGICAL_RULES)
     decoder = nnx.State({k: v for k, v in params.items() if k != "visual"})
     mesh = jax.sharding.get_abstract_mesh()
     chosen = sharding.choose_layout(layout, decoder, None if mesh.empty else mesh)
     if chosen.name == "decode":
-        # pinned to the training layout first: the cast then runs on each device's shard and the all-gathers move
-        # the compute dtype (XLA would otherwise gather the fp32 weights and cast the whole copy)
-        decoder = sharding.reshard_state(decoder, sharding.LOGICAL_RULES)
         with sharding.layout_scope(chosen):
             decoder = sharding.reshard_state(decoder, sharding.DECODE_RULES)
         params = nnx.State({**params, **decoder})
