@@ -32,6 +32,7 @@ def get_config(arg: str | None = None):
     config.job = "distill"  # which job `qponder` runs (see qponder_jax/main.py:JOBS)
     config.variant = variant  # the variant this config was built for (informational)
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
+    config.sampling_layout = "auto"  # sampler weights: "auto", "decode" (stationary), "decode:T" (groups of T), "train"
     config.teacher = "rule" if variant == "tiny" else "model"  # "model" (model section / checkpoint) or "rule"
     config.model = common.model(
         model_path="embedded:tiny" if tiny else "",

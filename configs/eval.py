@@ -78,6 +78,7 @@ def get_config(arg: str | None = None):
     config.variant = variant  # the variant this config was built for (informational)
     config.name = "eval"  # output folder under the workdir (report.json, table.md, predictions/, plots/)
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
+    config.sampling_layout = "auto"  # sampler weights: "auto", "decode" (stationary), "decode:T" (groups of T), "train"
     config.checkpoint = ""  # HF folder or orbax training workdir to evaluate; "" = model.model_path (tiny if "")
     config.step = -1  # checkpoint step of an orbax workdir (-1 = the latest)
     config.protocol = {"tiny": "synthetic", "vqa_tiny": "synthetic_vqa"}.get(variant, variant)  # datasets + notes

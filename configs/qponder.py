@@ -128,6 +128,7 @@ def base(variant: str, job_name: str = "grpo") -> ml_collections.ConfigDict:
     config.variant = variant  # the variant this config was built for (informational)
     config.seed = 0  # seed of the train state's RNG (rollout sampling)
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
+    config.sampling_layout = "auto"  # sampler weights: "auto", "decode" (stationary), "decode:T" (groups of T), "train"
     # the starting policy (and KL reference): an orbax SFT workdir (configs/qponder_ci.py) or an HF folder;
     # "" = model.model_path
     config.init_checkpoint = ""

@@ -23,6 +23,7 @@ def get_config(arg: str | None = None):
     config.explain = False  # print each image's reasoning under its score
     config.strict = False  # fail (exit 1) when any image is skipped, does not parse or scores out of range
     config.mesh = (1, -1, 1)  # mesh shape over ('data', 'fsdp', 'tensor'); -1 takes the remaining devices
+    config.sampling_layout = "auto"  # sampler weights: "auto", "decode" (stationary), "decode:T" (groups of T), "train"
     config.model = ml_collections.ConfigDict()
     config.model.dtype = "float32"  # compute dtype of matmuls: "float32" or "bfloat16"
     s = config.score = ml_collections.ConfigDict()

@@ -4,6 +4,7 @@
     python -m qponder_jax.bench sft --out /tmp/bench                  # train step vs transformers + torch AdamW
     python -m qponder_jax.bench grpo --out /tmp/bench                 # GRPO step vs TRL GRPOTrainer
     python -m qponder_jax.bench memory --out /tmp/bench               # XLA's per-device plan for 3B / 7B
+    python -m qponder_jax.bench plan --out /tmp/bench                 # 7B GRPO per phase, old vs new layout, roofline
 
 Each prints a table (ours, the reference, the ratio) and, with `--out`, writes `<what>[_<size>].json` there. Speed is
 measured here, never asserted in tests. torch, transformers' torch model and TRL are imported only inside the
@@ -25,6 +26,7 @@ COMMANDS = {
     "sft": "SFT step (forward, backward, AdamW) vs transformers + torch AdamW, and the matmul peak",
     "grpo": "whole GRPO step vs TRL GRPOTrainer: rollout / reward / update split",
     "memory": "XLA's planned per-device memory of the SFT and GRPO steps for Qwen2.5-VL 3B / 7B meshes",
+    "plan": "per device and phase: memory, FLOPs, HBM and collective bytes, old vs new layout; a roofline model",
 }
 
 

@@ -23,6 +23,7 @@ with an empty file that looks like success.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 from collections import Counter
@@ -335,7 +336,10 @@ def run(config, workdir: str | Path) -> dict:
         raise ConfigError(f"config field teacher={config.teacher!r}: choose 'model' or 'rule'")
     proc = make_processor(tok_dir, config.data)
     if sampler is None:
-        sampler = model_sampler(loaded.model, proc, settings)
+        from qponder_jax import sampling
+
+        layout = str(config.get("sampling_layout", "auto"))  # the sampler's weight layout (model/sharding.py)
+        sampler = model_sampler(loaded.model, proc, settings, functools.partial(sampling.generate, layout=layout))
     out = Path(config.out_dir) if config.out_dir else workdir / "cold_start"
     summary = distill(sources, sampler, proc, settings, out, info=info)
     if jax.process_index() == 0:

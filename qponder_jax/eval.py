@@ -19,6 +19,7 @@ Every metric in the report is recomputable from the predictions (`evaluation.rep
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -265,6 +266,9 @@ def run(config, workdir: str | Path) -> dict:
     notes = reporting.dataset_notes(config.protocol, {spec: build_info(src)[0] for spec, src in sources.items()})
     where = f"{config.checkpoint or loaded.base_dir}" + (f" (step {loaded.step})" if loaded.step is not None else "")
     info = {"checkpoint": where, "source": loaded.source, "step": loaded.step, "base": str(loaded.base_dir)}
+    from qponder_jax import sampling
+
+    layout = str(config.get("sampling_layout", "auto"))  # the sampler's weight layout (model/sharding.py)
     report = evaluate(
         loaded.model,
         proc,
@@ -272,6 +276,7 @@ def run(config, workdir: str | Path) -> dict:
         settings,
         workdir / config.name,
         mesh=mesh,
+        generate_fn=functools.partial(sampling.generate, layout=layout),
         title=f"{config.name}: {where}",
         notes=notes,
         info=info,

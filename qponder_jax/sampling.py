@@ -16,10 +16,17 @@ N = B * num_samples; rows b*n .. b*n+n-1 are prompt b's samples. `batch` is enco
   GRPO's first importance ratio is exactly 1. With top-k / top-p the token was drawn from the renormalized nucleus,
   whose log-prob is higher by -log(kept mass).
 - Draws: `categorical`, inverse transform sampling with two uniforms per row (not V Gumbel draws).
+- Layout: the weights are cast to the compute dtype and resharded ONCE per call, before the prefill, into the layout
+  `layout` names (`model.sharding.choose_layout`): "decode" keeps the decoder's weights stationary, split only over
+  tensor groups of T consecutive devices and whole across groups, with the rows split over the groups, so a decode
+  step moves only activations; "train" decodes on the training shardings (FSDP: every step all-gathers every
+  layer's weights). "auto" (the default) picks T from the decoder's size; "decode:T" fixes it. The vision tower
+  runs once per call, in the prefill, and stays where it is. Same tokens either way (tested).
 - Compilation: `_prefill` and `_decode` are module-level jitted functions whose cache is keyed by the model's graphdef,
-  the static `SamplingConfig` and the input shapes/shardings; prompts, weights, keys and stop ids are traced inputs, so
-  repeated calls with the same shapes do not recompile (`TRACES` counts traces). Called alone, `_decode` takes the
-  cache donated; `generate` runs both inside one executable (`_generate`), the GRPO step inside its own jit.
+  the static `SamplingConfig`, the layout and the input shapes/shardings; prompts, weights, keys and stop ids are
+  traced inputs, so repeated calls with the same shapes do not recompile (`TRACES` counts traces). Called alone,
+  `_decode` takes the cache donated; `generate` runs both inside one executable (`_generate`), the GRPO step inside
+  its own jit.
 """
 
 from __future__ import annotations
@@ -42,6 +49,10 @@ from qponder_jax.model.qwen2_5_vl import Qwen25VL, check_batch
 from qponder_jax.model.text import KVCache
 
 TRACES: collections.Counter = collections.Counter()  # traces (= compilations) of the jitted pieces, for tests
+# where the once-per-call cast and reshard sit in the compiled program's op metadata (`benchmarks.hlo` reads it); the
+# prefill and the decode loop appear there as jit(_prefill) and jit(_decode)
+RESHARD_SCOPE = "sampler_reshard"
+_TRAIN = sharding.SamplingLayout("train")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,14 +170,24 @@ def first_argmax(x: jax.Array, top: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, index, x.shape[-1]), axis=-1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig) -> DecodeState:
-    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"))
+def _prefill(
+    graphdef, params, batch: Batch, rng, *, config: SamplingConfig, layout: sharding.SamplingLayout = _TRAIN
+) -> DecodeState:
+    """Vision + prompt once per prompt, then the cache and last logits tiled `num_samples` times. The vision tower
+    runs in the training layout (the decode layout's tensor groups would each compute all of it), the decoder in
+    `layout` (the layout `params` are in)."""
     TRACES["prefill"] += 1
+    features = nnx.merge(graphdef, params).vision_features(batch)  # [B, P', D]
+    with sharding.layout_scope(layout):
+        return _prefill_body(graphdef, params, batch, features, rng, config)
+
+
+def _prefill_body(graphdef, params, batch: Batch, features, rng, config: SamplingConfig) -> DecodeState:
     model: Qwen25VL = nnx.merge(graphdef, params)
     b, t = batch.input_ids.shape
     n, steps = config.num_samples, config.max_new_tokens
-    logits, cache = model.prefill(batch, model.init_cache(b, t + steps), last_only=True)  # [B, 1, V]
+    logits, cache = model.prefill(batch, model.init_cache(b, t + steps), last_only=True, features=features)  # [B, 1, V]
     start = batch.rope_deltas + jnp.sum(batch.attention_mask, axis=-1, dtype=jnp.int32)  # [B] first new position
     if n > 1:
         cache = cache.repeat(n)
@@ -184,14 +205,25 @@ def _prefill(graphdef, params, batch: Batch, rng, *, config: SamplingConfig) -> 
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("state",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"), donate_argnames=("state",))
 def _decode(
-    graphdef, params, state: DecodeState, stop_ids: jax.Array, *, config: SamplingConfig
+    graphdef,
+    params,
+    state: DecodeState,
+    stop_ids: jax.Array,
+    *,
+    config: SamplingConfig,
+    layout: sharding.SamplingLayout = _TRAIN,
 ) -> tuple[DecodeState, jax.Array]:
     """The decode loop: sample a token per row, record it, feed it back; until max_new_tokens or all rows done.
-    stop_ids [S] int32 (-1 entries match nothing). Returns the final state (its cache aliases the donated one) and
-    the completion mask [N, L]."""
+    stop_ids [S] int32 (-1 entries match nothing); traced in `layout`. Returns the final state (its cache aliases the
+    donated one) and the completion mask [N, L]."""
     TRACES["decode"] += 1
+    with sharding.layout_scope(layout):
+        return _decode_loop(graphdef, params, state, stop_ids, config)
+
+
+def _decode_loop(graphdef, params, state: DecodeState, stop_ids: jax.Array, config: SamplingConfig):
     model: Qwen25VL = nnx.merge(graphdef, params)
 
     def cond(s: DecodeState):
@@ -222,14 +254,34 @@ def _decode(
 
 
 def sample(
-    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig
+    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig, layout: str = "auto"
 ) -> tuple[DecodeState, jax.Array]:
     """Prefill then the decode loop, traceable: callable inside another jitted function (the GRPO step), where
-    both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing). Returns the final
-    decode state (tokens, log-probs, lengths) and the completion mask [N, L]."""
-    params = in_compute_dtype(params, nnx.merge(graphdef, params).dtype)
-    state = _prefill(graphdef, params, batch, rng, config=config)
-    return _decode(graphdef, params, state, stop_ids, config=config)
+    both pieces are inlined. rng is None for greedy; stop_ids [S] int32 (-1 matches nothing); layout "auto",
+    "decode", "decode:T" or "train" (see the module docstring). Returns the final decode state (tokens, log-probs,
+    lengths) and the completion mask [N, L]."""
+    with jax.named_scope(RESHARD_SCOPE):
+        params, layout = decode_params(graphdef, params, layout)
+    state = _prefill(graphdef, params, batch, rng, config=config, layout=layout)
+    return _decode(graphdef, params, state, stop_ids, config=config, layout=layout)
+
+
+def decode_params(graphdef, params: nnx.State, layout: str = "auto") -> tuple[nnx.State, sharding.SamplingLayout]:
+    """(params cast to the compute dtype and, in the decode layout, the decoder's weights resharded into it; the
+    layout chosen), inside a traced function on the current mesh. The cast comes first, so with a bf16 compute dtype
+    no weight moves in fp32. The vision tower (`visual`) keeps its layout: it runs once, in the prefill."""
+    # pinned to the training layout right after the cast: the cast then runs on each device's shard, and whatever
+    # gathers the weights (the decode reshard below, the vision tower's FSDP gathers) moves the compute dtype; XLA
+    # would otherwise gather fp32 weights and cast the whole copy
+    params = sharding.reshard_state(in_compute_dtype(params, nnx.merge(graphdef, params).dtype), sharding.LOGICAL_RULES)
+    decoder = nnx.State({k: v for k, v in params.items() if k != "visual"})
+    mesh = jax.sharding.get_abstract_mesh()
+    chosen = sharding.choose_layout(layout, decoder, None if mesh.empty else mesh)
+    if chosen.name == "decode":
+        with sharding.layout_scope(chosen):
+            decoder = sharding.reshard_state(decoder, sharding.DECODE_RULES)
+        params = nnx.State({**params, **decoder})
+    return params, chosen
 
 
 def in_compute_dtype(params, dtype):
@@ -250,10 +302,12 @@ def in_compute_dtype(params, dtype):
     return jax.tree.map(cast, params)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"))
-def _generate(graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig) -> SampleOutput:
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"))
+def _generate(
+    graphdef, params, batch: Batch, rng, stop_ids: jax.Array, *, config: SamplingConfig, layout: str = "auto"
+) -> SampleOutput:
     """`sample` as one executable: one dispatch per `generate` call, and only its outputs leave it."""
-    state, mask = sample(graphdef, params, batch, rng, stop_ids, config=config)
+    state, mask = sample(graphdef, params, batch, rng, stop_ids, config=config, layout=layout)
     return SampleOutput(state.tokens, state.logprobs, state.lengths, mask, state.step)
 
 
@@ -269,12 +323,14 @@ def generate(
     *,
     stop_ids=None,
     pad_id: int | None = None,
+    layout: str = "auto",
 ) -> SampleOutput:
     """Samples `num_samples` completions of every prompt of a left-padded `batch` (see the module docstring).
 
     stop_ids: token ids that end a row (default: the model config's eos_token_id; `()` for none). pad_id: the token
     emitted after a row is done (default: the config's pad_token_id, else 0). rng: a PRNG key or an int seed; needed
-    when temperature > 0. Runs on the mesh of the model's parameters; nothing is copied back to the host.
+    when temperature > 0. layout: "auto", "decode", "decode:T" or "train", the weights' layout while decoding
+    (module docstring). Runs on the mesh of the model's parameters; nothing is copied back to the host.
     """
     config = SamplingConfig(
         max_new_tokens=int(max_new_tokens),
@@ -285,6 +341,10 @@ def generate(
         pad_id=int(pad_id if pad_id is not None else (model.config.text.pad_token_id or 0)),
     )
     _check_settings(config, rng)
+    try:
+        sharding.parse_layout(layout)
+    except ValueError as e:
+        raise ValueError(f"generate: {e}") from None
     if isinstance(batch.input_ids, np.ndarray):
         _check_left_padded(batch)
         check_batch(batch, model.config)
@@ -296,7 +356,7 @@ def generate(
     mesh = _mesh_of(params)
     batch = _place(batch, mesh)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        return _generate(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config)
+        return _generate(graphdef, params, batch, rng, _stop_ids(model, stop_ids), config=config, layout=layout)
 
 
 def completion_batch(batch: Batch, out: SampleOutput, num_samples: int = 1) -> Batch:

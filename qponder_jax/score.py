@@ -239,7 +239,8 @@ def run(config, workdir) -> dict:
     overrides = {k: s[k] or None for k in ("prompt", "prompt_text", "max_new_tokens", "max_pixels")}
     scorer = Scorer.from_pretrained(
         config.checkpoint, s.mode, step=int(config.step), dtype=config.model.dtype,
-        mesh=sharding.make_mesh(tuple(config.mesh)), batch_size=int(s.batch_size), num_samples=int(s.num_samples),
+        mesh=sharding.make_mesh(tuple(config.mesh)), layout=str(config.sampling_layout),
+        batch_size=int(s.batch_size), num_samples=int(s.num_samples),
         temperature=float(s.temperature), seed=int(s.seed), score_range=tuple(s.score_range) or None, **overrides,
     )  # fmt: skip
     summary, status = score_inputs(scorer, inputs, out=out, explain=bool(config.explain), strict=bool(config.strict))

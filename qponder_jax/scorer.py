@@ -19,6 +19,7 @@ processor's `max_pixels`. One process; the model is placed over all its devices 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from qponder_jax import prompts
+from qponder_jax import prompts, sampling
 from qponder_jax.data.datasets.images import ImageError, decode_image, to_rgb8
 from qponder_jax.data.example import Buckets
 from qponder_jax.data.processing import Processor
@@ -194,15 +195,18 @@ class Scorer:
         dtype: str = "float32",
         attn_impl: str = "xla",
         mesh=None,
+        layout: str = "auto",
         **overrides,
     ) -> Scorer:
         """Loads an HF folder or an orbax training workdir (its checkpoint `step`, -1 = the latest). `overrides`:
         any `ScoreSettings` field (batch_size, prompt, prompt_text, max_new_tokens, num_samples, temperature, seed,
         score_range, ...; None = the model's own) and the processor's min_pixels, max_pixels, token_buckets,
-        patch_buckets. batch_size is rounded up to a multiple of the mesh's ('data', 'fsdp') devices."""
+        patch_buckets. batch_size is rounded up to a multiple of the mesh's ('data', 'fsdp') devices. layout: the
+        sampler's weight layout ("auto", "decode", "decode:T" or "train"; `model.sharding.choose_layout`)."""
         from qponder_jax.loading import load_checkpoint, read_run_config
         from qponder_jax.model import sharding
 
+        sharding.parse_layout(layout)  # a bad layout fails before the checkpoint loads
         unknown = sorted(set(overrides) - _SETTING_NAMES - set(PROCESSING_KEYS) - {"mode"})
         if unknown:
             raise TypeError(f"Scorer.from_pretrained: unknown settings {unknown}")
@@ -226,7 +230,8 @@ class Scorer:
         given_buckets = {axis: tuple(int(x) for x in chosen[k]) for k, axis in axes.items() if chosen.get(k)}
         proc.buckets = dataclasses.replace(default_buckets(proc), **given_buckets)
         info = {"path": str(path), "source": loaded.source, "step": loaded.step, "record": record}
-        return cls(loaded.model, proc, settings, mesh=mesh, info=info)
+        generate_fn = functools.partial(sampling.generate, layout=layout)
+        return cls(loaded.model, proc, settings, mesh=mesh, info=info, generate_fn=generate_fn)
 
     def __call__(self, images: Sequence | Any, *, skip_errors: bool = False) -> list[ScoreResult]:
         """Scores `images` (paths, PIL images or arrays; one alone is fine); results in input order. An unreadable

@@ -5,6 +5,7 @@ before any model or data is built (`main` calls `check_config` before the job).
 
 Fields are checked by name wherever they appear (the demo config nests its sections):
 - `mesh`: three integers, each >= 1 or a single -1, that the devices can fill (`sharding.make_mesh`'s rules);
+- `sampling_layout`: "auto", "decode", "decode:T" or "train" (`sharding.parse_layout`);
 - `*_buckets`: non-empty tuples of positive integers; patch buckets are multiples of 4 (a 2x2 merge) and the
   largest holds an image of `max_pixels` (image sections only: video frames have their own limits);
 - batch sizes and step counts are positive, pixel limits and intervals not negative;
@@ -44,6 +45,8 @@ def check_config(config, workdir: str | os.PathLike) -> None:
             _check_patch_buckets(path, section)
     if "mesh" in config:
         check_mesh(config.mesh)
+    if "sampling_layout" in config:
+        _check_layout(config.sampling_layout)
     _check_model(config)
     if "data" in config:
         from qponder_jax.data.sources import check_spec
@@ -114,6 +117,15 @@ def check_mesh(mesh) -> None:
         sharding.make_mesh(shape if isinstance(shape, tuple) else (shape,))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"config field mesh={shape!r}: {e}") from None
+
+
+def _check_layout(layout) -> None:
+    from qponder_jax.model import sharding
+
+    try:
+        sharding.parse_layout(layout)
+    except ValueError as e:
+        raise ConfigError(f"config field sampling_layout={layout!r}: {e}") from None
 
 
 def _check_model(config) -> None:

@@ -108,9 +108,10 @@ def test_sharded_generation_cache(models):
 
 @pytest.mark.parametrize("tie", [False, True])
 def test_sampler_keeps_the_lm_head_vocab_sharded(tie):
-    """On an FSDP mesh the sampler's logits come from the head resharded over the vocabulary (each device multiplies
-    the gathered [rows, D] hidden states by its own [D, V / N] columns): no device ever holds the whole [D, V] head,
-    which an all-gather over D would give it for the whole decode loop (2 GiB for 7B). Same tokens as one device."""
+    """On an FSDP mesh, in the training layout, the sampler's logits come from the head resharded over the vocabulary
+    (each device multiplies the gathered [rows, D] hidden states by its own [D, V / N] columns): no device ever holds
+    the whole [D, V] head, which an all-gather over D would give it for the whole decode loop (2 GiB for 7B). Same
+    tokens as one device."""
     import re
 
     from qponder_jax import sampling
@@ -130,7 +131,9 @@ def test_sampler_keeps_the_lm_head_vocab_sharded(tie):
     stop = jnp.full((1,), -1, jnp.int32)
     with jax.set_mesh(mesh):
         placed = sampling._place(batch, mesh)
-        hlo = sampling._generate.lower(graphdef, params, placed, None, stop, config=sconfig).compile().as_text()
+        # the training layout (FSDP); the decode layout keeps the head whole over 'fsdp' on purpose
+        lowered = sampling._generate.lower(graphdef, params, placed, None, stop, config=sconfig, layout="train")
+        hlo = lowered.compile().as_text()
     whole = [line for line in hlo.splitlines() if re.search(rf"\[({d},{v}|{v},{d})\]", line.split("=", 1)[-1][:80])]
     assert not whole, "a device holds the whole LM head:\n" + "\n".join(whole[:3])
     assert re.search(rf"\[{d},{v // 8}\]", hlo), "the head should be resharded to [D, V / 8] columns per device"

@@ -248,3 +248,16 @@ def test_the_scoring_record_travels_with_the_model(tiny, tmp_path):
     assert (scorer.processor.buckets.tokens, scorer.processor.buckets.patches) == ((300, 400), (64,))
     named = Scorer.from_pretrained(folder, prompt="visualquality_r1", max_new_tokens=8, mesh=mesh)
     assert named.settings.user_text == prompts.PROMPTS["visualquality_r1"] and named.settings.max_new_tokens == 8
+
+
+def test_the_sampling_layout_reaches_generate_and_leaves_the_scores(tiny, images):
+    """The Scorer decodes in the layout it is given (auto: the decode layout on 8 devices); the scores are the same."""
+    decode = Scorer.from_pretrained(tiny, "greedy", max_new_tokens=12, layout="decode")
+    train = Scorer.from_pretrained(tiny, "greedy", max_new_tokens=12, layout="train")
+    assert (decode._batches.generate_fn.keywords, train._batches.generate_fn.keywords) == (
+        {"layout": "decode"}, {"layout": "train"}
+    )  # fmt: skip
+    for a, b in zip(decode(images[:4]), train(images[:4]), strict=True):
+        _same(a, b)
+    with pytest.raises(ValueError, match="sampling layout 'decode:x' is not one of"):
+        Scorer.from_pretrained(tiny, layout="decode:x")

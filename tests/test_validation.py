@@ -48,6 +48,7 @@ def _config(module, variant="tiny", **overrides):
         ),
         (qponder_ci, {"data__patch_buckets": (62,)}, r"data\.patch_buckets=\(62,\): .* multiple of 4"),
         (qponder_ci, {"optim__warmup_steps": -1}, r"config field optim\.warmup_steps=-1: must not be negative"),
+        (qponder, {"sampling_layout": "decode:0"}, r"config field sampling_layout='decode:0': .* is not one of"),
         (qponder, {"data__datasets": "synthetic:trian"}, r"dataset 'synthetic:trian': unknown split 'trian'"),
         (qponder, {"data__datasets": "koniq:train"}, r"unknown dataset 'koniq' \(did you mean 'koniq10k'\?\)"),
         (qponder, {"data__datasets": "koniq10k:train"}, r"'koniq10k:train' needs config field data\.data_dir"),

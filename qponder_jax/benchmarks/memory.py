@@ -25,10 +25,11 @@ reduce-scatter, so expect less there; the figures are an upper estimate until `-
 the accelerator (its own backend and devices, no simulated CPU devices).
 
 Workloads follow the `3b` / `7b` variants of configs/qponder_ci.py and configs/qponder.py: fp32 parameters and AdamW
-state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1)); images of 448x448 (1024 patches).
-`--attn-impl` picks the attention (default xla; the variants' "auto" resolves to it on a CPU); splash and cudnn
-compile TPU / GPU kernels, so they need `--platform native` on that accelerator (docs/performance.md: what splash is
-expected to change).
+state, bf16 compute, per-layer remat, FSDP over all devices (mesh (1, N, 1); `--mesh` for another shape, e.g.
+1,-1,4); images of 448x448 (1024 patches). The GRPO rollout decodes in the layout a run would choose for the
+full-depth model (`--sampling-layout`, default auto; see `model.sharding.choose_layout`). `--attn-impl` picks the
+attention (default xla; the variants' "auto" resolves to it on a CPU); splash and cudnn compile TPU / GPU kernels, so
+they need `--platform native` on that accelerator (docs/performance.md: what splash is expected to change).
 """
 
 from __future__ import annotations
@@ -104,16 +105,25 @@ VALIDATE_POINTS = {"sft": (3, 3), "grpo": (12, 3)}
 # XLA:CPU's default concurrency-optimized scheduler starts independent work (every layer's FSDP all-gather) as early as
 # it can, which a GPU/TPU's memory-aware scheduler does not: plan with the memory-minimizing order instead.
 SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
-# how a worker's "too few devices" error starts; the parent re-raises it as the user's error, not a worker crash
-_TOO_FEW_DEVICES = "memory --platform"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--models", default="7b", help=f"comma-separated, of {sorted(MODELS)} (default: ~3.5 min)")
     parser.add_argument("--steps", default="sft,grpo", help="comma-separated, of sft, grpo")
-    parser.add_argument("--devices", default="64", help="comma-separated mesh sizes N (mesh (1, N, 1), FSDP)")
+    parser.add_argument("--devices", default="64", help="comma-separated mesh sizes N")
+    parser.add_argument("--mesh", default="1,-1,1", help="(data, fsdp, tensor) mesh; -1 takes the rest of N (FSDP)")
     parser.add_argument("--scale", type=float, default=1.0, help="shrink the workloads (batch, lengths) for smoke runs")
+    parser.add_argument(
+        "--sampling-layout", default="auto",
+        help="the GRPO rollout's weights: auto (as a run resolves it for the full model), decode, decode:T or train",
+    )  # fmt: skip
     parser.add_argument("--minibatches", type=int, default=0, help="GRPO minibatches per step (default: the config's)")
+    parser.add_argument(
+        "--attn-impl",
+        choices=IMPLEMENTATIONS,
+        default="xla",
+        help="attention implementation (auto: by backend; splash / cudnn need --platform native on a TPU / GPU)",
+    )
     parser.add_argument(
         "--no-share-prompts", action="store_true", help="GRPO update re-runs each prompt per completion (no sharing)"
     )
@@ -126,12 +136,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("cpu", "native"),
         default="cpu",
         help="cpu: N simulated CPU devices (default); native: this machine's backend (GPU/TPU), its first N devices",
-    )
-    parser.add_argument(
-        "--attn-impl",
-        choices=IMPLEMENTATIONS,
-        default="xla",
-        help="attention implementation (auto: by backend; splash / cudnn need --platform native on a TPU / GPU)",
     )
     parser.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -155,117 +159,65 @@ def _workloads(scale: float, minibatches: int = 0, share_prompts: bool = True) -
 # ---- the worker: runs in a subprocess with N simulated devices ----
 
 
-def _abstract_batch(config: Qwen25VLConfig, b: int, t: int, p: int, mesh):
-    import jax
-    import jax.numpy as jnp
-
-    from qponder_jax.data.batch import Batch
-    from qponder_jax.train.sft import batch_shardings
-
-    sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
-    i32, dim = jnp.int32, config.vision.patch_dim
-    batch = Batch(
-        input_ids=sds((b, t), i32), attention_mask=sds((b, t), jnp.bool_), position_ids=sds((3, b, t), i32),
-        rope_deltas=sds((b,), i32), loss_mask=sds((b, t), jnp.bool_), pixel_values=sds((b, p, dim), jnp.float32),
-        image_grid_thw=sds((b, 1, 3), i32), vision_pos_ids=sds((b, p, 2), i32), window_index=sds((b, p), i32),
-        window_segment_ids=sds((b, p), i32), full_segment_ids=sds((b, p), i32), image_feature_index=sds((b, t), i32),
-    )  # fmt: skip
-    shards = batch_shardings(batch, mesh)
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch, shards), shards
-
-
 def _planned_bytes(
-    model_name: str, config: Qwen25VLConfig, step: str, mesh, sft: dict, grpo: dict, attn_impl: str = "xla"
+    model_name: str,
+    config: Qwen25VLConfig,
+    step: str,
+    mesh,
+    sft: dict,
+    grpo: dict,
+    layout: str = "train",
+    attn_impl: str = "xla",
 ) -> dict:
-    """Compile one step for `config` on `mesh` (all abstract) and return its per-device memory analysis."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
+    """Compile one step for `config` on `mesh` (all abstract; the GRPO rollout in `layout`) and return its per-device
+    memory analysis."""
+    from qponder_jax.benchmarks import programs
 
-    from qponder_jax.model.qwen2_5_vl import Qwen25VL
-    from qponder_jax.train import optim
-    from qponder_jax.train import state as state_lib
-
-    remat = True  # both 3b / 7b config variants train with per-layer remat
-    make = lambda: Qwen25VL(
-        config, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, param_dtype=jnp.float32, remat=remat, attn_impl=attn_impl
-    )
-    abstract_model = nnx.eval_shape(make)
-    graphdef, params, rest = state_lib.split_model(abstract_model)
-    labels = jax.tree.map(lambda _: optim.TRAIN, params)
-    tx = optim.adamw(labels, learning_rate=1e-6, clip_norm=1.0)
-    abstract = state_lib.abstract_train_state(params, tx, state_lib.param_shardings(abstract_model, mesh), mesh)
-    shards = state_lib.shardings_of(abstract)
-    rep = NamedSharding(mesh, PartitionSpec())
-    if step == "sft":
-        from qponder_jax.train.sft import SFTStep
-
-        fn = SFTStep(
-            graphdef, rest, tx, optax.constant_schedule(1e-6), labels, grad_accum=sft["grad_accum"][model_name],
-            logprob_chunk=sft["logprob_chunk"],
-        )  # fmt: skip
-        rows = max(sft["batch"], mesh.size * sft["grad_accum"][model_name])
-        batch, batch_shards = _abstract_batch(config, rows, sft["tokens"], sft["patches"], mesh)
-        jitted = jax.jit(
-            fn.__call__, in_shardings=(shards, batch_shards), out_shardings=(shards, rep), donate_argnums=0
-        )
-        args = (abstract, batch)
-    else:
-        from qponder_jax.train import grpo as grpo_lib
-        from qponder_jax.train.grpo_loss import LossConfig
-
-        settings = grpo_lib.GRPOSettings(
-            num_generations=grpo["generations"], max_new_tokens=grpo["new_tokens"],
-            num_minibatches=grpo["minibatches"][model_name], loss=LossConfig(beta=grpo["beta"]),
-            share_prompts=grpo["share_prompts"],
-        )  # fmt: skip
-        fn = grpo_lib.GRPOStep(graphdef, rest, tx, optax.constant_schedule(1e-6), labels, settings)
-        batch, batch_shards = _abstract_batch(config, grpo["prompts"], grpo["tokens"], grpo["patches"], mesh)
-        mos = jax.ShapeDtypeStruct((grpo["prompts"],), jnp.float32, sharding=batch_shards.rope_deltas)
-        parser = _abstract_parser(config.text.vocab_size, rep)
-        parser_shards = jax.tree.map(lambda x: x.sharding, parser)
-        jitted = jax.jit(
-            fn.__call__,
-            in_shardings=(shards, batch_shards, batch_shards.rope_deltas, parser_shards, shards.params),
-            out_shardings=(shards, rep),
-            donate_argnums=0,
-        )
-        args = (abstract, batch, mos, parser, abstract.params)
+    # both 3b / 7b config variants: bf16 compute, fp32 params, per-layer remat
+    model = programs.ModelSettings(attn_impl=attn_impl)
     start = time.perf_counter()
-    with jax.set_mesh(mesh):
-        compiled = jitted.lower(*args).compile()
+    if step == "sft":
+        rows = max(sft["batch"], mesh.size * sft["grad_accum"][model_name])
+        compiled = programs.sft_step(
+            config, mesh, model, rows=rows, tokens=sft["tokens"], patches=sft["patches"],
+            grad_accum=sft["grad_accum"][model_name], logprob_chunk=sft["logprob_chunk"],
+        )  # fmt: skip
+    else:
+        compiled = programs.grpo_step(
+            config, mesh, model, grpo_settings(model_name, grpo, layout),
+            prompts=grpo["prompts"], tokens=grpo["tokens"], patches=grpo["patches"],
+        )  # fmt: skip
+    return dict(planned(compiled), compile_s=time.perf_counter() - start)
+
+
+def planned(compiled) -> dict:
+    """Per-device bytes of a compiled executable: total = arguments + outputs - aliased (donated) + temporaries."""
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    return {
-        "total": int(total),
-        "arguments": int(m.argument_size_in_bytes),
-        "temporaries": int(m.temp_size_in_bytes),
-        "compile_s": time.perf_counter() - start,
-    }
+    return {"total": int(total), "arguments": int(m.argument_size_in_bytes), "temporaries": int(m.temp_size_in_bytes)}
 
 
-_PARSER_CACHE: dict = {}
+def grpo_settings(model_name: str, grpo: dict, sampling_layout: str = "train"):
+    """GRPOSettings of the workload (`GRPO`, scaled), with the rollout in `sampling_layout`."""
+    from qponder_jax.train import grpo as grpo_lib
+    from qponder_jax.train.grpo_loss import LossConfig
+
+    return grpo_lib.GRPOSettings(
+        num_generations=grpo["generations"], max_new_tokens=grpo["new_tokens"],
+        num_minibatches=grpo["minibatches"][model_name], loss=LossConfig(beta=grpo["beta"]),
+        share_prompts=grpo["share_prompts"], sampling_layout=sampling_layout,
+    )  # fmt: skip
 
 
-def _abstract_parser(vocab_size: int, rep):
-    """The parser tables' shapes for the demo tokenizer padded to `vocab_size` (built once, then abstract)."""
-    import tempfile
-
-    import jax
-
-    if vocab_size not in _PARSER_CACHE:
-        from transformers import AutoTokenizer
-
-        from qponder_jax.data.tokenizer import build_demo_tokenizer
-        from qponder_jax.rewards.parse import build_parser
-
-        with tempfile.TemporaryDirectory() as tmp:
-            tok = AutoTokenizer.from_pretrained(str(build_demo_tokenizer(tmp + "/tok")))
-        parser = build_parser(tok, max_numbers=5, vocab_size=vocab_size, check=0)
-        _PARSER_CACHE[vocab_size] = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rep), parser)
-    return _PARSER_CACHE[vocab_size]
+def mesh_shape(spec: str, n: int) -> tuple[int, int, int]:
+    """A `--mesh` value ("1,-1,4") for n devices, -1 filled in; raises naming the flag when it does not fit."""
+    shape = [int(x) for x in spec.split(",")]
+    known = 1
+    for x in shape:
+        known *= x if x != -1 else 1
+    if len(shape) != 3 or shape.count(-1) > 1 or n % known or (-1 not in shape and known != n):
+        raise ValueError(f"--mesh {spec}: not a (data, fsdp, tensor) shape for {n} devices")
+    return tuple(n // known if x == -1 else x for x in shape)
 
 
 def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_blocks: int, step: str) -> float:
@@ -279,35 +231,44 @@ def fit_layers(points: dict[tuple[int, int], float], text_layers: int, vision_bl
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
-    """All (model, step) cases on a (1, N, 1) mesh of this process's first N devices (simulated CPU ones by default)."""
+    """All (model, step) cases on a `--mesh` mesh ((1, N, 1) by default) of this process's first N devices (simulated
+    CPU ones by default)."""
     import jax
 
     from qponder_jax.model import sharding
 
     n = args.worker
+    shape = mesh_shape(args.mesh, n)
     if jax.device_count() < n:
         raise ValueError(
-            f"{_TOO_FEW_DEVICES} {args.platform}: a (1, {n}, 1) mesh needs {n} devices, this {jax.default_backend()} "
+            f"memory --platform {args.platform}: a {shape} mesh needs {n} devices, this {jax.default_backend()} "
             f"backend has {jax.device_count()}"
         )
-    mesh = sharding.make_mesh((1, n, 1))
+    mesh = sharding.make_mesh(shape)
     device = jax.devices()[0]
     sft, grpo = _workloads(args.scale, args.minibatches, not args.no_share_prompts)
     out = []
+    from qponder_jax.benchmarks.programs import ModelSettings, resolve_layout
+
     for name in args.models.split(","):
         config = MODELS[name]
         full = (config.text.num_hidden_layers, config.vision.depth)
+        layout = resolve_layout(config, mesh, ModelSettings(attn_impl=args.attn_impl), args.sampling_layout)
+
+        def plan(cfg, step, name=name, layout=layout):
+            return _planned_bytes(name, cfg, step, mesh, sft, grpo, layout, args.attn_impl)
+
         for step in args.steps.split(","):
-            case = {"model": name, "step": step, "devices": n, "mesh": [1, n, 1], "layers": list(full),
+            case = {"model": name, "step": step, "devices": n, "mesh": list(shape), "layers": list(full),
                     "platform": device.platform, "device_kind": device.device_kind}  # fmt: skip
+            if step == "grpo":
+                case["sampling_layout"] = layout
             if args.direct:
-                direct = _planned_bytes(name, config, step, mesh, sft, grpo, args.attn_impl)
+                direct = plan(config, step)
                 case.update(bytes=direct["total"], method="direct", compile_s=direct["compile_s"])
             else:
                 points = FIT_POINTS[step]
-                plans = {
-                    p: _planned_bytes(name, reduced(config, *p), step, mesh, sft, grpo, args.attn_impl) for p in points
-                }
+                plans = {p: plan(reduced(config, *p), step) for p in points}
                 totals = {p: float(v["total"]) for p, v in plans.items()}
                 case.update(
                     bytes=fit_layers(totals, *full, step),
@@ -317,7 +278,7 @@ def worker(args: argparse.Namespace) -> list[dict]:
                 )
                 if args.validate:
                     at = VALIDATE_POINTS[step]
-                    got = _planned_bytes(name, reduced(config, *at), step, mesh, sft, grpo, args.attn_impl)["total"]
+                    got = plan(reduced(config, *at), step)["total"]
                     want = fit_layers(totals, *at, step)
                     case["validation"] = {"layers": list(at), "compiled": got, "fit": want,
                                           "relative_error": abs(want - got) / got}  # fmt: skip
@@ -329,21 +290,28 @@ def worker(args: argparse.Namespace) -> list[dict]:
 
 
 def _spawn(args: argparse.Namespace, n: int) -> list[dict]:
+    argv = ["--models", args.models, "--mesh", args.mesh, "--sampling-layout", args.sampling_layout]
+    argv += ["--attn-impl", args.attn_impl]
+    argv += ["--steps", args.steps, "--scale", str(args.scale), "--minibatches", str(args.minibatches)]
+    argv += ["--validate"] * args.validate + ["--direct"] * args.direct + ["--no-share-prompts"] * args.no_share_prompts
+    return spawn("memory", argv, n, args.platform)
+
+
+def spawn(what: str, argv: list[str], n: int, platform: str) -> list[dict]:
+    """Runs `python -m qponder_jax.bench <what> --worker n ...` in a subprocess with n simulated CPU devices (or on
+    the native backend) and returns the JSON lines it prints."""
     env = dict(os.environ)
-    if args.platform == "cpu":
+    if platform == "cpu":
         flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f and "scheduler" not in f]
         flags += [SCHEDULER_FLAG, f"--xla_force_host_platform_device_count={n}"]
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
-    cmd = [sys.executable, "-m", "qponder_jax.bench", "memory", "--worker", str(n), "--models", args.models]
-    cmd += ["--platform", args.platform, "--attn-impl", args.attn_impl]
-    cmd += ["--steps", args.steps, "--scale", str(args.scale), "--minibatches", str(args.minibatches)]
-    cmd += ["--validate"] * args.validate + ["--direct"] * args.direct + ["--no-share-prompts"] * args.no_share_prompts
+    cmd = [sys.executable, "-m", "qponder_jax.bench", what, "--worker", str(n), "--platform", platform, *argv]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode:
-        usage = [line for line in proc.stderr.splitlines() if line.startswith(f"ValueError: {_TOO_FEW_DEVICES}")]
+        usage = [line for line in proc.stderr.splitlines() if line.startswith(f"ValueError: {what} --platform")]
         if usage:
             raise ValueError(usage[-1].removeprefix("ValueError: "))
-        raise RuntimeError(f"memory worker for {n} devices failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{what} worker for {n} devices failed:\n{proc.stderr[-4000:]}")
     return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
@@ -356,6 +324,8 @@ def run(args: argparse.Namespace) -> dict:
     if unknown:
         raise ValueError(f"memory: unknown model(s) {unknown}; choose from {sorted(MODELS)}")
     start = time.perf_counter()
+    for n in map(int, args.devices.split(",")):
+        mesh_shape(args.mesh, n)  # a bad --mesh fails here, not in a worker
     cases = [c for n in map(int, args.devices.split(",")) for c in _spawn(args, n)]
     sft, grpo = _workloads(args.scale, args.minibatches, not args.no_share_prompts)
     return {
@@ -365,8 +335,8 @@ def run(args: argparse.Namespace) -> dict:
             "sft": sft,
             "grpo": grpo,
             "dtype": "fp32 params + AdamW, bf16 compute, remat",
-            "attn_impl": args.attn_impl,
             "scale": args.scale,
+            "attn_impl": args.attn_impl,
         },
         "platform": args.platform,
         "hbm_gib": list(HBM_GIB),

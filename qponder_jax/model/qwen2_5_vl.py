@@ -60,12 +60,15 @@ class Qwen25VL(nnx.Module):
         """An empty KV cache of `max_length` slots (prompt + generated tokens), in `dtype` (default: compute dtype)."""
         return KVCache.create(self.config.text, batch_size, max_length, dtype or self.dtype)
 
-    def prefill(self, batch: Batch, cache: KVCache, *, last_only: bool = False) -> tuple[jax.Array, KVCache]:
-        """Runs the prompt batch (left-padded, vision included) and writes its T tokens into `cache` at `cache.index`.
+    def prefill(
+        self, batch: Batch, cache: KVCache, *, last_only: bool = False, features: jax.Array | None = None
+    ) -> tuple[jax.Array, KVCache]:
+        """Runs the prompt batch (left-padded, vision included) and writes its T tokens into `cache` at `cache.index`;
+        `features` are the batch's `vision_features` when computed already (the sampler runs them in another layout).
 
         Returns (logits [B, T, V] float32, or [B, 1, V] for the last position when `last_only`; the updated cache).
         """
-        return self._forward(batch, cache, last_only=last_only)
+        return self._forward(batch, cache, last_only=last_only, features=features)
 
     def decode_step(self, token_ids: jax.Array, position_ids: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
         """One generation step: token_ids [B, 1] and their M-RoPE position_ids [3, B, 1] -> (logits [B, 1, V] float32,
@@ -78,30 +81,38 @@ class Qwen25VL(nnx.Module):
         return self._logits(hidden, vocab_parallel=True), cache
 
     # ---- internals ----
-    def _forward(self, batch: Batch, cache: KVCache | None, last_only: bool = False):
+    def _forward(self, batch: Batch, cache: KVCache | None, last_only: bool = False, features=None):
         check_shapes(batch, self.config)
         if isinstance(batch.input_ids, np.ndarray):
             check_batch(batch, self.config)
-        x = self.embed_inputs(batch)
+        x = self.embed_inputs(batch, features)
         segment_ids = jnp.asarray(batch.attention_mask).astype(jnp.int32)
         hidden, cache = self.language_model(x, jnp.asarray(batch.position_ids), segment_ids, cache)
         if last_only:
             return self._logits(hidden[:, -1:], vocab_parallel=True), cache
         return self._logits(hidden), cache
 
-    def embed_inputs(self, batch: Batch) -> jax.Array:
-        """Input embeddings [B, T, D]: vision features at the `<|image_pad|>` / `<|video_pad|>` tokens, token
-        embeddings elsewhere."""
-        x = self.language_model.embed(jnp.asarray(batch.input_ids))  # [B, T, D]
+    def vision_features(self, batch: Batch) -> jax.Array | None:
+        """The batch's merged vision features [B, P // merge_unit, D] in window order (None for a text-only bucket)."""
         if batch.pixel_values.shape[1] == 0:  # text-only bucket: no vision tower
-            return x
+            return None
         features = self.visual(
             jnp.asarray(batch.pixel_values),
             jnp.asarray(batch.vision_pos_ids),
             jnp.asarray(batch.window_index),
             jnp.asarray(batch.window_segment_ids),
             jnp.asarray(batch.full_segment_ids),
-        )  # [B, P // merge_unit, D], window order
+        )
+        return sharding.constrain(features, ("batch", None, "act_embed"))
+
+    def embed_inputs(self, batch: Batch, features: jax.Array | None = None) -> jax.Array:
+        """Input embeddings [B, T, D]: vision features (`features`, or the vision tower's) at the `<|image_pad|>` /
+        `<|video_pad|>` tokens, token embeddings elsewhere."""
+        x = self.language_model.embed(jnp.asarray(batch.input_ids))  # [B, T, D]
+        if batch.pixel_values.shape[1] == 0:  # text-only bucket: no vision tower
+            return x
+        if features is None:
+            features = self.vision_features(batch)
         features = sharding.constrain(features, ("batch", None, "act_embed"))
         index = jnp.asarray(batch.image_feature_index)  # [B, T]
         rows = jnp.take_along_axis(features.astype(x.dtype), jnp.maximum(index, 0)[..., None], axis=1)  # [B, T, D]

@@ -226,12 +226,14 @@ class TextModel(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [B, T, D] in the compute dtype for input_ids [B, T]."""
-        # The table stays sharded as stored ([V, D] over ("vocab", "embed")): every device looks up its own embed
-        # columns for all (replicated, small) ids, then one all-to-all gives batch-sharded rows. Gathering the table
-        # instead costs a full fp32 [V, D] copy per device (2 GiB for 7B), and its gradient another one.
-        ids = sharding.constrain(input_ids.astype(jnp.int32), (None, None))  # [B, T]
+        # The table stays sharded as stored ([V, D] over ("vocab", "embed")): in training every device looks up its
+        # own embed columns for all (replicated, small) ids, then one all-to-all gives batch-sharded rows. Gathering
+        # the table instead costs a full fp32 [V, D] copy per device (2 GiB for 7B), and its gradient another one.
+        # In the sampler's decode layout the table is whole over the row axes, so the rows stay split
+        # ("lookup_batch"; see model/sharding.py).
+        ids = sharding.constrain(input_ids.astype(jnp.int32), ("lookup_batch", None))  # [B, T]
         x = jnp.take(self.embed_tokens.embedding[...], ids, axis=0)  # [B, T, D]
-        x = sharding.constrain(x, (None, None, "embed")).astype(self.dtype)
+        x = sharding.constrain(x, ("lookup_batch", None, "embed")).astype(self.dtype)
         return sharding.constrain(x, ("batch", "length", "act_embed"))
 
     def __call__(

@@ -4,7 +4,9 @@
     state, metrics = step(state, batch, mos, parser, ref_params)      # inside jax.jit (see `jit_grpo_step`)
 
 - Rollouts: the sampler's prefill runs once per prompt and its KV cache is tiled G times; the decode loop samples
-  G completions per prompt (rows b*G .. b*G+G-1 belong to prompt b). The PRNG key is the state's.
+  G completions per prompt (rows b*G .. b*G+G-1 belong to prompt b). The PRNG key is the state's. The weights are
+  cast to the compute dtype and resharded once into the sampler's layout (`sampling_layout`, see
+  `qponder_jax.sampling`); the reference pass and the updates keep the training layout.
 - Scores: `rewards.parse` reads format, answer numbers and the reasoning level from the token ids; the score is the
   mean of the first `score_numbers` numbers (NaN when none parsed: a parse failure, never a default score). A parsed
   score with a number outside `score_range` (the prompt's scale) is out of range: counted (`out_of_range_rate`) and
@@ -54,6 +56,10 @@ from qponder_jax.train.grpo_loss import LossConfig, chunked_token_logprobs, comp
 from qponder_jax.train.sft import batch_shardings, hidden_and_head, lm_head, split_micro_batches
 from qponder_jax.train.state import TrainState
 
+# names of the step's phases in the compiled program's op metadata (`benchmarks.hlo` attributes costs by them)
+REFERENCE_SCOPE = "reference_logprobs"
+UPDATE_SCOPE = "policy_update"
+
 
 @dataclasses.dataclass(frozen=True)
 class RewardTerm:
@@ -85,8 +91,13 @@ class GRPOSettings:
     logprob_chunk: int = 8192  # vocab columns per step of the update's log-prob scan (no [N, L, V] logits)
     share_prompts: bool = True  # the update runs each prompt once per minibatch when M divides G (see the docstring)
     score_range: tuple[float, float] = (1.0, 5.0)  # the prompt's scale; parsed scores outside count as out of range
+    sampling_layout: str = "auto"  # rollout weights: "auto", "decode", "decode:T", "train" (sharding.choose_layout)
 
     def __post_init__(self):
+        try:
+            sharding.parse_layout(self.sampling_layout)
+        except ValueError as e:
+            raise ValueError(f"grpo: {e}") from None
         if self.advantage_std not in STD_MODES:
             raise ValueError(f"grpo: advantage_std {self.advantage_std!r} is not one of {STD_MODES}")
         if min(self.num_generations, self.max_new_tokens, self.num_iterations, self.num_minibatches,
@@ -178,7 +189,8 @@ def _sample(model, batch: Batch, rng: jax.Array, s: GRPOSettings) -> tuple[sampl
     graphdef, full = nnx.split(model)
     config = s.sampling_config()
     stop_ids = jnp.asarray(list(s.stop_ids) or [-1], jnp.int32)  # [S]; -1 matches nothing
-    return sampling.sample(graphdef, full, batch, None if config.greedy else rng, stop_ids, config=config)
+    rng = None if config.greedy else rng
+    return sampling.sample(graphdef, full, batch, rng, stop_ids, config=config, layout=s.sampling_layout)
 
 
 def shared_prompt_hidden(model, prompts: Batch, tokens: jax.Array, mask: jax.Array, per_prompt: int) -> jax.Array:
@@ -303,7 +315,8 @@ class GRPOStep:
                 tied, mb = jax.lax.optimization_barrier((ref_params, mb))
                 return self._completion_logp(tied, self._constrain(mb), prompts)[0]
 
-            ref = jax.lax.map(ref_logp, stacked)
+            with jax.named_scope(REFERENCE_SCOPE):
+                ref = jax.lax.map(ref_logp, stacked)
             stacked = stacked.replace(ref_logp=jax.lax.stop_gradient(ref))
         return stacked
 
@@ -338,15 +351,16 @@ class GRPOStep:
             params, opt_state = optim.update_if(ok, self.tx, params, opt_state, grads)
             return (params, opt_state, ok), dict(metrics, loss=loss, grad_norm=grad_norm, finite=finite)
 
-        (params, opt_state, finite), per_update = jax.lax.scan(
-            update, (state.params, state.opt_state, jnp.bool_(True)), jnp.arange(s.updates_per_step)
-        )
-        if s.updates_per_step > 1:
-            # undo the updates before a non-finite one: this keeps the step's starting parameters and optimizer
-            # state live through the updates (one more copy, 12 bytes per parameter / devices); with a single
-            # update per step the branch above already left them untouched, in place
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-            params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
+        with jax.named_scope(UPDATE_SCOPE):
+            (params, opt_state, finite), per_update = jax.lax.scan(
+                update, (state.params, state.opt_state, jnp.bool_(True)), jnp.arange(s.updates_per_step)
+            )
+            if s.updates_per_step > 1:
+                # undo the updates before a non-finite one: this keeps the step's starting parameters and optimizer
+                # state live through the updates (one more copy, 12 bytes per parameter / devices); with a single
+                # update per step the branch above already left them untouched, in place
+                keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+                params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
         new_state = state.replace(
             step=state.step + finite.astype(jnp.int32),
             params=params,

@@ -60,6 +60,7 @@ def settings_from_config(config, *, stop_ids: tuple[int, ...], pad_id: int) -> G
             num_minibatches=int(g.num_minibatches),
             share_prompts=bool(g.get("share_prompts", True)),
             score_range=tuple(float(x) for x in g.get("score_range", (1.0, 5.0))),
+            sampling_layout=str(config.get("sampling_layout", "auto")),
             advantage_std=str(g.advantage_std),
             advantage_eps=float(g.advantage_eps),
             score_numbers=int(g.score_numbers),

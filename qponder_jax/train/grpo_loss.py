@@ -22,6 +22,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from qponder_jax.model import sharding
+
 LOG_RATIO_CLAMP = 20.0  # |log-ratio| bound before exp, for the policy ratio and the KL estimators
 
 Aggregation = Callable[[jax.Array, jax.Array, int], jax.Array]  # (per_token [N, L], mask [N, L], norm_length) -> []
@@ -145,29 +147,54 @@ def chunked_token_logprobs(
     and sum(p * logit); only the log-sum-exp [N, L] is kept for the backward. The backward is written out (a custom
     VJP): a second scan recomputes each chunk's logits and applies d logp / d logits = onehot(token) - softmax, so at
     most one [N, L, chunk] block and one [D, chunk] slice of the (FSDP all-gathered) head are live, and none of the
-    online rescaling is differentiated. The entropy carries no gradient (a metric).
+    online rescaling is differentiated. The entropy carries no gradient (a metric). On a mesh that splits the head's
+    vocabulary (a 'tensor' axis), each block takes `chunk / shards` columns of every shard, so every device multiplies
+    only its own columns.
     """
     return _chunked_logprobs(hidden, w, tokens.astype(jnp.int32), float(temperature), int(chunk))
 
 
-def _vocab_chunks(w: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array, int]:
-    """(w as [num, D, chunk] column blocks, zero-padded; each block's first column [num]; the chunk size)."""
-    d, vocab = w.shape
-    chunk = min(chunk, vocab)
-    num = -(-vocab // chunk)
-    w = jnp.pad(w, ((0, 0), (0, num * chunk - vocab)))
-    return jnp.moveaxis(w.reshape(d, num, chunk), 1, 0), jnp.arange(num, dtype=jnp.int32) * chunk, chunk
+@dataclasses.dataclass(frozen=True)
+class _Blocks:
+    """How the head's columns are cut: `shards` equal parts (the head's vocabulary shards on the mesh, 1 off a mesh),
+    each of `per_shard` columns cut into `num` blocks of `width` (the last zero-padded). Block k holds columns
+    s * per_shard + k * width + j of every shard s, so each device multiplies only its own columns."""
+
+    shards: int
+    per_shard: int
+    width: int
+    num: int
 
 
-def _chunk_logits(hidden, w_c, start, vocab: int, temperature: float) -> tuple[jax.Array, jax.Array]:
-    """(fp32 logits / temperature [N, L, chunk], -inf on the padding columns past `vocab`; column ids [chunk])."""
-    chunk = w_c.shape[-1]
-    logits = jnp.einsum("nld,dc->nlc", hidden, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32)
+def _blocks(w: jax.Array, chunk: int) -> _Blocks:
+    shards = sharding.dim_shards(("embed", "vocab"), w.shape, 1)
+    per_shard = w.shape[1] // shards
+    width = min(-(-chunk // shards), per_shard)
+    return _Blocks(shards, per_shard, width, -(-per_shard // width))
+
+
+def _vocab_chunks(w: jax.Array, blocks: _Blocks) -> tuple[jax.Array, jax.Array]:
+    """(w [D, V] as [num, D, shards, width] column blocks, zero-padded; each block's first in-shard column [num])."""
+    d = w.shape[0]
+    w = w.reshape(d, blocks.shards, blocks.per_shard)
+    w = jnp.pad(w, ((0, 0), (0, 0), (0, blocks.num * blocks.width - blocks.per_shard)))
+    w = jnp.moveaxis(w.reshape(d, blocks.shards, blocks.num, blocks.width), 2, 0)
+    w = sharding.constrain(w, (None, "embed", "vocab", None))
+    return w, jnp.arange(blocks.num, dtype=jnp.int32) * blocks.width
+
+
+def _chunk_logits(hidden, w_c, start, blocks: _Blocks, temperature: float) -> tuple[jax.Array, jax.Array]:
+    """(fp32 logits / temperature [N, L, shards, width], -inf on the padding columns; column ids [shards, width], -1
+    on the padding)."""
+    logits = jnp.einsum("nld,dsc->nlsc", hidden, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32)
+    logits = sharding.constrain(logits, ("batch", None, "act_vocab", None))
     if temperature != 1.0:
         logits = logits / temperature
-    column = start + jnp.arange(chunk, dtype=jnp.int32)
-    if vocab % chunk:  # only a padded last block has columns to hide
-        logits = jnp.where(column < vocab, logits, -jnp.inf)
+    in_shard = start + jnp.arange(blocks.width, dtype=jnp.int32)  # [width]
+    column = jnp.arange(blocks.shards, dtype=jnp.int32)[:, None] * blocks.per_shard + in_shard  # [shards, width]
+    if blocks.per_shard % blocks.width:  # only a padded last block has columns to hide
+        column = jnp.where(in_shard < blocks.per_shard, column, -1)  # -1: no token's column
+        logits = jnp.where(column >= 0, logits, -jnp.inf)
     return logits, column
 
 
@@ -178,19 +205,21 @@ def _chunked_logprobs(hidden, w, tokens, temperature: float, chunk: int):
 
 def _chunked_forward(hidden, w, tokens, temperature: float, chunk: int):
     n, steps, _ = hidden.shape
-    vocab = w.shape[1]
-    w_chunks, starts, chunk = _vocab_chunks(w, chunk)
+    blocks = _blocks(w, chunk)
+    w_chunks, starts = _vocab_chunks(w, blocks)
+    padded = blocks.per_shard % blocks.width
+    last2 = (-2, -1)
 
     def body(carry, xs):
         running_max, sum_exp, target, sum_p_logit = carry  # [N, L] each
-        logits, column = _chunk_logits(hidden, *xs, vocab, temperature)
-        new_max = jnp.maximum(running_max, jnp.max(logits, axis=-1))
+        logits, column = _chunk_logits(hidden, *xs, blocks, temperature)  # [N, L, shards, width]
+        new_max = jnp.maximum(running_max, jnp.max(logits, axis=last2))
         scale = jnp.exp(running_max - new_max)
-        p = jnp.exp(logits - new_max[..., None])  # [N, L, chunk]; 0 on padding columns
-        sum_exp = sum_exp * scale + jnp.sum(p, axis=-1)
-        finite = jnp.where(column < vocab, logits, 0.0) if vocab % chunk else logits
-        sum_p_logit = sum_p_logit * scale + jnp.sum(p * finite, axis=-1)
-        target = target + jnp.sum(jnp.where(column == tokens[..., None], logits, 0.0), axis=-1)
+        p = jnp.exp(logits - new_max[..., None, None])  # 0 on padding columns
+        sum_exp = sum_exp * scale + jnp.sum(p, axis=last2)
+        finite = jnp.where(column >= 0, logits, 0.0) if padded else logits
+        sum_p_logit = sum_p_logit * scale + jnp.sum(p * finite, axis=last2)
+        target = target + jnp.sum(jnp.where(column == tokens[..., None, None], logits, 0.0), axis=last2)
         return (new_max, sum_exp, target, sum_p_logit), None
 
     zeros = jnp.zeros((n, steps), jnp.float32)
@@ -204,25 +233,26 @@ def _chunked_backward(temperature: float, chunk: int, residuals, cotangents):
     hidden, w, tokens, lse = residuals
     g = cotangents[0]  # d loss / d logp [N, L]; the entropy's cotangent is dropped (it is a metric)
     d_model, vocab = w.shape
-    w_chunks, starts, chunk = _vocab_chunks(w, chunk)
+    blocks = _blocks(w, chunk)
+    w_chunks, starts = _vocab_chunks(w, blocks)
 
     def body(d_hidden, xs):
         w_c, _ = xs
-        logits, column = _chunk_logits(hidden, *xs, vocab, temperature)
-        onehot = (column == tokens[..., None]).astype(jnp.float32)
-        d_logits = g[..., None] * (onehot - jnp.exp(logits - lse[..., None]))  # [N, L, chunk]; 0 on padding
+        logits, column = _chunk_logits(hidden, *xs, blocks, temperature)
+        onehot = (column == tokens[..., None, None]).astype(jnp.float32)
+        d_logits = g[..., None, None] * (onehot - jnp.exp(logits - lse[..., None, None]))  # 0 on padding
         if temperature != 1.0:
             d_logits = d_logits / temperature
         d_logits = d_logits.astype(hidden.dtype)
         d_hidden = d_hidden + jnp.einsum(
-            "nlc,dc->nld", d_logits, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32
+            "nlsc,dsc->nld", d_logits, w_c.astype(hidden.dtype), preferred_element_type=jnp.float32
         )
-        d_w = jnp.einsum("nld,nlc->dc", hidden, d_logits, preferred_element_type=jnp.float32)
-        return d_hidden, d_w
+        d_w = jnp.einsum("nld,nlsc->dsc", hidden, d_logits, preferred_element_type=jnp.float32)
+        return d_hidden, sharding.constrain(d_w, ("embed", "vocab", None))
 
     d_hidden, d_w = jax.lax.scan(body, jnp.zeros(hidden.shape, jnp.float32), (w_chunks, starts))
-    d_w = jnp.moveaxis(d_w, 0, 1).reshape(d_model, -1)[:, :vocab]  # [num, D, chunk] -> [D, V]
-    return d_hidden.astype(hidden.dtype), d_w.astype(w.dtype), None
+    d_w = jnp.moveaxis(d_w, 0, 2).reshape(d_model, blocks.shards, -1)[:, :, : blocks.per_shard]  # [D, S, V / S]
+    return d_hidden.astype(hidden.dtype), d_w.reshape(d_model, vocab).astype(w.dtype), None
 
 
 _chunked_logprobs.defvjp(_chunked_forward, _chunked_backward)
