@@ -63,6 +63,14 @@ OPTIONS = (  # (flag, argparse keywords): the model's own settings unless given
     ("--seed", dict(type=int, default=0, metavar="N", help="sampling seed of sample_mean (default 0)")),
     ("--step", dict(type=int, default=-1, metavar="N", help="checkpoint step of an orbax workdir (default: latest)")),
     ("--dtype", dict(choices=("float32", "bfloat16"), default="float32", help="compute dtype (default float32)")),
+    (
+        "--layout",
+        dict(
+            default="auto",
+            metavar="L",
+            help="the sampler's weight layout on several devices: auto, decode, decode:T or train (default auto)",
+        ),
+    ),
 )
 
 
@@ -190,6 +198,15 @@ def _score_range(text: str | None):
     return lo, hi
 
 
+def _check_layout(layout: str) -> None:
+    from qponder_jax.model.sharding import parse_layout
+
+    try:
+        parse_layout(layout)
+    except ValueError as e:
+        raise ConfigError(f"--layout {layout}: {e}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `qponder-score` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
@@ -203,13 +220,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--out {args.out}: the file name must end in {' or '.join(OUT_FORMATS)}")
         if args.batch_size < 1:
             raise ConfigError(f"--batch-size {args.batch_size}: must be >= 1")
+        _check_layout(args.layout)
         from qponder_jax.scorer import Scorer
 
         scorer = Scorer.from_pretrained(
             args.model, args.mode, step=args.step, dtype=args.dtype, batch_size=args.batch_size, prompt=args.prompt,
             prompt_text=args.prompt_text, max_new_tokens=args.max_new_tokens, max_pixels=args.max_pixels,
             score_range=_score_range(args.score_range), num_samples=args.num_samples, temperature=args.temperature,
-            seed=args.seed,
+            seed=args.seed, layout=args.layout,
         )  # fmt: skip
         summary, status = score_inputs(scorer, args.inputs, out=out, explain=args.explain, strict=args.strict)
     except (ConfigError, FileNotFoundError) as e:

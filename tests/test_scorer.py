@@ -198,6 +198,8 @@ def test_cli_skips_unreadable_files_writes_csv_and_jsonl_and_correlates_with_mos
     assert score.main(base + [str(tmp_path / "set"), "--out", "preds.txt"]) == 2
     assert score.main(base + [str(tmp_path / "empty_nothing")]) == 2
     assert "nothing to score" in capsys.readouterr().err
+    assert score.main(base + [str(tmp_path / "set"), "--layout", "decode:two"]) == 2
+    assert "--layout decode:two: sampling layout 'decode:two' is not one of" in capsys.readouterr().err
     with pytest.raises(SystemExit) as help_exit:
         score.main(["--help"])
     assert help_exit.value.code == 0 and "exit status" in capsys.readouterr().out
