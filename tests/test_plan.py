@@ -101,11 +101,11 @@ def test_bf16_weights_widened_for_a_cpu_matmul_count_as_read_once_narrow():
 
 
 def test_fit_and_roofline_arithmetic():
-    points = {p: {"memory": 1.0 + 2 * p[0] + 3 * p[1], "phases": {"update": {"flops": 10.0 * p[0]}}}
+    points = {p: {"memory": 1.0 + 2 * p[0] + 3 * p[1], "phases": {"update": {"flops": 10.0 * p[0], "collectives": {}}}}
               for p in plan.FIT_POINTS["grpo"]}  # fmt: skip
     fitted = plan.fit(points, 28, 32, "grpo")
     assert fitted["memory"] == pytest.approx(1 + 2 * 28 + 3 * 32)
-    assert fitted["phases"]["update"]["flops"] == pytest.approx(280.0)
+    assert fitted["phases"]["update"] == {"flops": pytest.approx(280.0), "collectives": {}}  # empty sections stay
     chip = plan.CHIPS["h100"]
     cost = {"flops": 989e12, "hbm_bytes": 3.35e12 * 2, "by_group": {"8": 450e9, "16": 50e9 * 4}}
     t = plan.phase_time(cost, chip)  # 1 s compute, 2 s HBM, 1 s NVLink + 4 s beyond the node
@@ -140,6 +140,8 @@ def test_plan_generate_smoke(tmp_path, capsys):
 def test_plan_rejects_unknown_settings():
     with pytest.raises(ValueError, match="--attn-impl 'nope'"):
         bench.main(["plan", "--models", "tiny", "--attn-impl", "nope"])
+    with pytest.raises(ValueError, match="--attn-impl splash needs --platform native"):
+        bench.main(["plan", "--models", "tiny", "--attn-impl", "splash"])
     with pytest.raises(ValueError, match="--mesh 1,3,1"):
         bench.main(["plan", "--models", "tiny", "--devices", "8", "--mesh", "1,3,1"])
     with pytest.raises(ValueError, match="sampling layout 'decode:x'"):

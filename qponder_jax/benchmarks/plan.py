@@ -171,7 +171,16 @@ def fit(points: dict[tuple[int, int], dict], text_layers: int, vision_blocks: in
         b_text = (get((l2, v1), k) - base) / (l2 - l1)
         b_vision = (get((l1, v3), k) - base) / (v3 - v1)
         out[k] = max(base + b_text * (text_layers - l1) + b_vision * (vision_blocks - v1), 0.0)
-    return _unflatten(out)
+    fitted = _unflatten(out)
+    for r in points.values():
+        _keep_sections(r, fitted)  # a section empty at every point (no collectives in a phase) stays, empty
+    return fitted
+
+
+def _keep_sections(source: dict, target: dict) -> None:
+    for k, v in source.items():
+        if isinstance(v, dict):
+            _keep_sections(v, target.setdefault(k, {}))
 
 
 def worker(args: argparse.Namespace) -> list[dict]:
