@@ -1,6 +1,6 @@
 """The demo: the whole Q-Ponder pipeline at toy scale on a CPU, with nothing downloaded.
 
-    qponder --config=configs/demo.py --workdir=runs/demo          # ~10 minutes on 2 CPU cores
+    qponder --config=configs/demo.py --workdir=runs/demo          # ~5 minutes on 2 CPU cores
     qponder --config=configs/demo.py:test --workdir=/tmp/demo     # the reduced setting tests/test_demo.py runs
     qponder --config=configs/demo.py:smoke --workdir=/tmp/smoke   # every stage in about a minute (CI's bare install)
 
