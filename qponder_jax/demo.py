@@ -479,12 +479,15 @@ def summary(workdir: Path, outputs: dict) -> str:
 
 def run(config, workdir) -> dict:
     """The demo job; returns {stage name: outputs}."""
-    from absl import logging
+    from qponder_jax.loading import orbax_warnings_hidden
 
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    if logging.get_verbosity() == logging.WARNING:  # qponder's default: orbax warns on every read-only restore
-        logging.set_verbosity(logging.ERROR)
+    with orbax_warnings_hidden():  # orbax warns on every read-only restore; a damaged checkpoint's notice stays
+        return _run(config, workdir)
+
+
+def _run(config, workdir: Path) -> dict:
     if not all(read_marker(stage_dir(workdir, i, s)) is not None for i, s in enumerate(STAGES)):
         took = EXPECTED_TIME.get(config.get("variant", "default"), "")
         print(f"Q-Ponder demo in {workdir}: 7 stages{took}", flush=True)

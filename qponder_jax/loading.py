@@ -16,9 +16,11 @@ This is a library module: the eval, distill, export and grpo jobs and the scorer
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
-from collections.abc import Mapping
+import logging as std_logging
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import jax
@@ -96,6 +98,25 @@ def base_folders(run_dir: Path, model_cfg: Mapping) -> tuple[Path, Path]:
         f"a model section and no {embedded.TINY_MODEL_DIR}/ folder. Pass the HF folder the run started from as "
         "--config.model.model_path=/path/to/base"
     )
+
+
+class _OrbaxWarnings(std_logging.Filter):
+    """Drops orbax's own warnings (it warns on every read-only restore of a training workdir); keeps its errors and
+    every other module's warnings, such as the damaged-checkpoint fallback's."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return record.levelno >= std_logging.ERROR or "/orbax/" not in record.pathname.replace("\\", "/")
+
+
+@contextlib.contextmanager
+def orbax_warnings_hidden() -> Iterator[None]:
+    """Within: orbax's warnings are not logged (absl logs through the python logger "absl")."""
+    logger, only = std_logging.getLogger("absl"), _OrbaxWarnings()
+    logger.addFilter(only)
+    try:
+        yield
+    finally:
+        logger.removeFilter(only)
 
 
 def restore_params(

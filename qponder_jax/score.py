@@ -211,9 +211,13 @@ def main(argv: list[str] | None = None) -> int:
     """The `qponder-score` console script; returns the exit status."""
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
-    from absl import logging
+    from qponder_jax.loading import orbax_warnings_hidden
 
-    logging.set_verbosity(logging.ERROR)  # orbax warns on every read-only restore of a training workdir
+    with orbax_warnings_hidden():  # orbax warns on every read-only restore; a damaged checkpoint's notice stays
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     try:
         if out is not None and out.suffix.lower() not in OUT_FORMATS:

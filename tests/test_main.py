@@ -253,6 +253,26 @@ def test_sigterm_then_rerun_resumes_to_the_same_parameters(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
+def test_scoring_a_workdir_whose_newest_checkpoint_is_damaged_says_so(tiny_run, tmp_path, caplog):
+    """qponder-score hides orbax's routine warnings, not the notice that it scores an older step than the newest."""
+    from PIL import Image
+
+    from qponder_jax import score
+
+    ref_dir, _ = tiny_run
+    workdir = tmp_path / "w"
+    shutil.copytree(ref_dir, workdir)
+    for f in (workdir / "checkpoints" / "40" / "state").rglob("d/*"):
+        f.write_bytes(f.read_bytes()[:64])  # truncated: a crash mid-copy
+    Image.new("RGB", (56, 56), (120, 90, 60)).save(tmp_path / "a.png")
+    with caplog.at_level("WARNING"):
+        assert score.main(["--model", str(workdir), str(tmp_path / "a.png"), "--max-new-tokens", "4"]) == 0
+    notices = [r.getMessage() for r in caplog.records if "does not restore" in r.getMessage()]
+    assert len(notices) == 1 and "checkpoint step 40" in notices[0] and "using step 20" in notices[0], notices
+    assert not [r for r in caplog.records if "/orbax/" in r.pathname and r.levelno < 40]  # orbax's own: hidden
+
+
+@pytest.mark.slow
 def test_workdir_with_another_model_shape_is_refused(tiny_run, tmp_path):
     ref_dir, _ = tiny_run
     workdir = tmp_path / "w"
