@@ -7,10 +7,8 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -21,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "launch"))
 
 import local  # noqa: E402  (launch/local.py)
+from process_helpers import sigterm_when_ready  # noqa: E402
 
 SCRIPTS = ["launch/tpu_pod.sh", "launch/slurm_gpu.sbatch", "launch/accelerator_bench.sh"]
 QPONDER = [sys.executable, "-m", "qponder_jax.main"]
@@ -129,17 +128,8 @@ def test_local_launcher_passes_sigterm_on_and_exits_with_resume_status(tmp_path)
         "time.sleep(60)\n"
     )
     cmd = [sys.executable, str(ROOT / "launch/local.py"), "--num_processes=2", "--", sys.executable, "-c", script]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while len(list(tmp_path.glob("*.ready"))) < 2 and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, out
+    code, out = sigterm_when_ready(cmd, lambda: len(list(tmp_path.glob("*.ready"))) == 2)
+    assert code == 75, out
     assert sorted(p.name for p in tmp_path.glob("*.got")) == ["0.got", "1.got"]
 
 

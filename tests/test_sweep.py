@@ -4,10 +4,8 @@ dry run prints the plan, finished points are skipped, and the collector builds o
 import csv
 import json
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +15,7 @@ sys.path.insert(0, str(ROOT / "launch"))
 
 import collect  # noqa: E402  (launch/collect.py)
 import sweep  # noqa: E402  (launch/sweep.py)
+from process_helpers import sigterm_when_ready  # noqa: E402
 
 SWEEP = "configs/sweeps/qponder_ci_lr.py:tiny"
 
@@ -136,17 +135,8 @@ def test_sigterm_to_the_sweep_reaches_the_running_point(tmp_path):
         " for n in ('a', 'b')]\n"
         "sys.exit(sweep.exit_status(sweep.run_points(points)))\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 60
-        while not (tmp_path / "ready").exists() and time.time() < deadline:
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 75, out
+    code, out = sigterm_when_ready([sys.executable, "-c", driver], (tmp_path / "ready").exists)
+    assert code == 75, out
     assert got.exists() and "1 not started, 1 preempted" in out
 
 
